@@ -1,0 +1,139 @@
+"""Input pipelines: TFDS datasets read with random access (`tfds.data_source`) through Grain.
+
+Train: a per-epoch seeded shuffle, batching, augmentation (random crop after zero padding,
+horizontal flip) and per-channel normalization, each process reading only its share. Augmentation
+runs on whole batches with numpy (per-image Python calls would cost more than the small models'
+train steps), seeded per batch so the pipeline is deterministic and resumable from its state.
+Eval: every example exactly once, the last batch padded and masked.
+"""
+
+import dataclasses
+import os
+from typing import Any, Iterator, Sequence
+
+from absl import flags
+import grain
+import numpy as np
+
+
+class DataError(ValueError):
+  """A dataset that cannot be read as asked; its message is one line that says what to do."""
+
+
+def default_data_dir(data_dir: str | None = None) -> str:
+  return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
+
+
+def open_split(name: str, split: str, data_dir: str | None = None) -> tuple[Any, Any]:
+  """The random-access source of `name[split]` and the dataset's tfds.core.DatasetInfo."""
+  import tensorflow_datasets as tfds  # imported here: it is slow and many callers never need it
+  data_dir = default_data_dir(data_dir)
+  prepare_hint = (f'prepare an image folder with `python -m jaxmodel.prepare PATH --name {name} '
+                  f'--data_dir {data_dir}`, or pass --config.data_dir')
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise DataError(f'dataset {name!r} is not in {data_dir} nor in the TFDS catalog; '
+                    f'{prepare_hint}') from None
+  if not builder.is_prepared():
+    raise DataError(f'dataset {name!r} is not prepared in {data_dir}; {prepare_hint}, or run '
+                    f'tfds.data_source({name!r}, download=True) on a machine with internet') from None
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except (ValueError, KeyError, AssertionError) as e:
+    splits = ', '.join(f'{s} ({v.num_examples})' for s, v in builder.info.splits.items())
+    raise DataError(f'split {split!r} of {name!r} cannot be read ({str(e).splitlines()[0]}); '
+                    f'its splits are {splits}, sliced like train[:90%]') from None
+  if len(source) == 0:
+    raise DataError(f'split {split!r} of {name!r} selects no examples; widen the slice')
+  return source, builder.info
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """Batch-level augmentation and normalization; picklable, so it also runs in Grain workers."""
+  mean: Sequence[float]
+  std: Sequence[float]
+  crop_padding: int = 0
+  flip: bool = False
+
+  def augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n, h, w, _ = images.shape
+    if self.crop_padding:
+      p = self.crop_padding
+      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+      dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
+      rows = dy[:, None] + np.arange(h)  # (n, h)
+      cols = dx[:, None] + np.arange(w)  # (n, w)
+      images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if self.flip:
+      flips = rng.random(n) < 0.5
+      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+    return images
+
+  def normalize(self, images: np.ndarray) -> np.ndarray:
+    scale = 1 / (255 * np.asarray(self.std, np.float32))
+    return (images.astype(np.float32) - 255 * np.asarray(self.mean, np.float32)) * scale
+
+  def train(self, batch: dict, rng: np.random.Generator) -> dict:
+    return {'image': self.normalize(self.augment(batch['image'], rng)), 'label': batch['label']}
+
+  def eval(self, batch: dict) -> dict:
+    return {'image': self.normalize(batch['image']), 'label': batch['label']}
+
+
+def _image_and_label(example: dict) -> dict:
+  return {'image': np.asarray(example['image'], np.uint8),
+          'label': np.asarray(example['label'], np.int32)}
+
+
+def preprocess_from_config(config: Any, train: bool) -> Preprocess:
+  return Preprocess(mean=tuple(config.data.mean), std=tuple(config.data.std),
+                    crop_padding=config.data.crop_padding if train else 0,
+                    flip=config.data.flip and train)
+
+
+def train_dataset(source: Any, preprocess: Preprocess, batch_size: int, *, seed: int,
+                  process_index: int = 0, process_count: int = 1, num_threads: int = 2,
+                  prefetch: int = 4, num_workers: int = 0) -> grain.IterDataset:
+  """An endless dataset of this process's train batches, reshuffled each epoch.
+
+  `batch_size` is the per-process batch. Each epoch drops the last incomplete batch, so an epoch
+  is exactly `len(source) // process_count // batch_size` batches.
+  """
+  # Equal shards, so every process runs the same number of steps per epoch.
+  per_process = len(source) // process_count
+  shard = grain.MapDataset.source(source)[process_index::process_count][:per_process]
+  if len(shard) < batch_size:
+    raise DataError(f'the train split has {len(shard)} examples per process, fewer than one batch '
+                    f'of {batch_size}; lower --config.batch_size or widen --config.train_split')
+  ds = (shard.shuffle(seed=seed).map(_image_and_label).batch(batch_size, drop_remainder=True)
+        .random_map(preprocess.train, seed=seed).repeat(None))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+  if num_workers > 0:
+    # Grain's workers read absl flags, which a program without absl.app never parses.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return ds
+
+
+def eval_batches(source: Any, preprocess: Preprocess, batch_size: int, *, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
+  """This process's share of `source` in batches of exactly `batch_size`, with a 'mask'.
+
+  The last batch is padded by repeating its first example, with mask 0 on the padding.
+  """
+  shard = grain.MapDataset.source(source)[process_index::process_count]
+  ds = shard.map(_image_and_label).batch(batch_size, drop_remainder=False).map(preprocess.eval)
+  for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)):
+    n = len(batch['label'])
+    pad = batch_size - n
+    batch = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
+    batch['mask'] = np.arange(batch_size) < n
+    yield batch
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, process_count: int = 1) -> int:
+  """Train steps per epoch of `train_dataset`, with `batch_size` the per-process batch."""
+  return num_examples // process_count // batch_size

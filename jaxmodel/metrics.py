@@ -1,0 +1,85 @@
+"""Where metrics go: a JSONL file and TensorBoard events in the workdir, and a progress display.
+
+On a terminal the progress is a bar (step, epoch, loss, accuracy, images/s, ETA); elsewhere it is
+one plain line per report, readable in a log file.
+"""
+
+import json
+import os
+import sys
+import time
+
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+class MetricWriter:
+  """Appends {'step': ..., **metrics} to metrics.jsonl and writes TensorBoard scalars."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if enabled:
+      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      self._tensorboard = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, metrics: dict) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in metrics.items()}
+    self._jsonl.write(json.dumps({'step': step, **values}) + '\n')
+    self._jsonl.flush()
+    for name, value in values.items():
+      self._tensorboard.add_scalar(name, value, step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      self._tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}:{minutes:02d}:{seconds:02d}' if hours else f'{minutes}:{seconds:02d}'
+
+
+class Progress:
+  """Reports training progress; ETA from the rate since the first report after compilation."""
+
+  def __init__(self, total_steps: int, initial_step: int, enabled: bool = True,
+               stream=sys.stderr):
+    self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
+    self._bar = None
+    if enabled and stream.isatty():
+      self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=stream, unit='step',
+                            dynamic_ncols=True, smoothing=0.1)
+    self._step = initial_step
+    self._start = None  # (time, step) of the first report
+
+  def update(self, step: int, epoch: float, fields: dict) -> None:
+    if not self.enabled:
+      return
+    now = time.perf_counter()
+    if self._start is None:
+      self._start = (now, step)
+    elapsed, done = now - self._start[0], step - self._start[1]
+    eta = _duration((self.total_steps - step) * elapsed / done) if done else '?'
+    text = ' '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in fields.items())
+    if self._bar is not None:
+      self._bar.set_postfix_str(f'epoch {epoch:.2f} {text}', refresh=False)
+      self._bar.update(step - self._step)
+    else:
+      print(f'step {step}/{self.total_steps} epoch {epoch:.2f} {text} eta {eta}', file=self.stream,
+            flush=True)
+    self._step = step
+
+  def write(self, line: str) -> None:
+    """Prints a line without breaking the bar."""
+    if self._bar is not None:
+      self._bar.write(line, file=self.stream)
+    elif self.enabled:
+      print(line, file=self.stream, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()

@@ -1,0 +1,78 @@
+"""Optax optimizers and learning-rate schedules chosen by name in the config."""
+
+import re
+from typing import Any
+
+import jax
+import optax
+
+SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
+OPTIMIZERS = ('sgd', 'adam', 'adamw')
+
+
+def make_schedule(config: Any, total_steps: int) -> optax.Schedule:
+  """The learning rate per step: constant, or a linear warm-up then cosine or linear decay.
+
+  Warm-up starts at `init_scale` x peak; decay ends at `final_scale` x peak on the last step.
+  """
+  peak = config.learning_rate
+  if config.schedule == 'constant':
+    return optax.constant_schedule(peak)
+  if config.schedule not in SCHEDULES:
+    raise ValueError(f'unknown schedule {config.schedule!r}; choose one of {SCHEDULES}')
+  warmup = min(int(round(config.warmup_fraction * total_steps)), total_steps - 1)
+  decay_steps = max(total_steps - warmup, 1)
+  if config.schedule == 'warmup_cosine':
+    decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_scale)
+  else:
+    decay = optax.linear_schedule(peak, peak * config.final_scale, decay_steps)
+  warm = optax.linear_schedule(peak * config.init_scale, peak, warmup)
+  return optax.join_schedules([warm, decay], [warmup])
+
+
+def _base_optimizer(config: Any, learning_rate: optax.ScalarOrSchedule,
+                    weight_decay: float) -> optax.GradientTransformation:
+  if config.name == 'sgd':
+    # Weight decay as L2 added to the gradient before momentum, as torch.optim.SGD does.
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate, config.momentum or None, nesterov=config.nesterov))
+  if config.name == 'adam':
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.adam(learning_rate, config.b1, config.b2, config.eps))
+  if config.name == 'adamw':
+    return optax.adamw(learning_rate, config.b1, config.b2, config.eps,
+                       weight_decay=weight_decay)
+  raise ValueError(f'unknown optimizer {config.name!r}; choose one of {OPTIMIZERS}')
+
+
+def param_labels(params: Any, multipliers: dict[str, float]) -> Any:
+  """Labels each parameter with the first `multipliers` pattern its path ('a/b/kernel') matches."""
+  def label(path, _):
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    return next((p for p in multipliers if re.search(p, name)), 'default')
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
+  """An optax optimizer from `config.optimizer`-style settings.
+
+  `lr_multipliers` maps a regex on parameter paths to a learning-rate multiplier (0 freezes the
+  matched parameters). Weight decay per step stays the same for every group, as airbench does.
+  """
+  schedule = make_schedule(config, total_steps)
+
+  def group(multiplier: float) -> optax.GradientTransformation:
+    if multiplier == 0:
+      return optax.set_to_zero()
+    return _base_optimizer(config, lambda step: schedule(step) * multiplier,
+                           config.weight_decay / multiplier)
+
+  multipliers = dict(config.lr_multipliers)
+  if multipliers:
+    transforms = {p: group(m) for p, m in multipliers.items()} | {'default': group(1.0)}
+    tx = optax.multi_transform(transforms, lambda params: param_labels(params, multipliers))
+  else:
+    tx = group(1.0)
+  if config.grad_clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return tx

@@ -1,0 +1,96 @@
+"""The train state and the pure train/eval steps.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics` are pure:
+everything they depend on is in their arguments, so they jit once and compose (vmap, scan, shard).
+A batch is a dict: 'image' float (B, H, W, C), 'label' int (B,) and, for eval, 'mask' (B,) with 0
+on padding examples.
+"""
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+  """Everything training changes (pytree leaves) and the functions it uses (static fields)."""
+  step: jax.Array
+  params: Any
+  model_state: Any  # non-trainable collections, e.g. BatchNorm's 'batch_stats'
+  opt_state: optax.OptState
+  rng: jax.Array  # a raw uint32 key; each step draws from fold_in(rng, step)
+  apply_fn: Callable = struct.field(pytree_node=False)
+  tx: optax.GradientTransformation = struct.field(pytree_node=False)
+  loss_fn: Callable = struct.field(pytree_node=False)
+
+  def variables(self) -> dict:
+    return {'params': self.params, **self.model_state}
+
+
+def cross_entropy_loss(logits, labels, label_smoothing: float = 0.0):
+  """Per-example softmax cross-entropy against (optionally smoothed) one-hot labels."""
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets)
+
+
+def mse_loss(logits, labels):
+  """Per-example mean squared error between the logits and one-hot labels."""
+  return jnp.mean(jnp.square(logits - jax.nn.one_hot(labels, logits.shape[-1])), axis=-1)
+
+
+def get_loss(name: str, label_smoothing: float = 0.0) -> Callable:
+  if name == 'cross_entropy':
+    return functools.partial(cross_entropy_loss, label_smoothing=label_smoothing)
+  if name == 'mse':
+    if label_smoothing:
+      raise ValueError('label_smoothing applies to the cross_entropy loss only; set it to 0 for mse')
+    return mse_loss
+  raise ValueError(f"unknown loss {name!r}; choose 'cross_entropy' or 'mse'")
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_images,
+                       rng: jax.Array, loss_fn: Callable = cross_entropy_loss) -> TrainState:
+  """Initializes the model on `example_images` and the optimizer on its params."""
+  init_rng, state_rng = jax.random.split(rng)
+  variables = model.init(init_rng, example_images, train=False)
+  params = variables.pop('params')
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
+                    opt_state=tx.init(params), rng=state_rng, apply_fn=model.apply, tx=tx,
+                    loss_fn=loss_fn)
+
+
+def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch`; returns the new state and the batch's mean loss/accuracy."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_and_updates(params):
+    logits, model_state = state.apply_fn(
+        {'params': params, **state.model_state}, batch['image'], train=True,
+        rngs={'dropout': dropout_rng}, mutable=list(state.model_state))
+    return jnp.mean(state.loss_fn(logits, batch['label'])), (logits, model_state)
+
+  (loss, (logits, model_state)), grads = jax.value_and_grad(loss_and_updates, has_aux=True)(
+      state.params)
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            model_state=dict(model_state), opt_state=opt_state)
+  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+             'grad_norm': optax.global_norm(grads)}
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, batch: dict) -> dict:
+  """Sums of loss and correct predictions over the unmasked examples, and their count.
+
+  Sums (not means) let a caller add batches up so every example counts exactly once.
+  """
+  logits = state.apply_fn(state.variables(), batch['image'], train=False)
+  mask = batch['mask'].astype(jnp.float32)
+  correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+  return {'loss_sum': jnp.sum(state.loss_fn(logits, batch['label']) * mask),
+          'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}

@@ -1,0 +1,219 @@
+"""Train and evaluate: python -m jaxmodel.train --config=cifar [--config.KEY=VALUE ...] [--workdir=DIR]
+
+Rerunning the same command with the same --workdir resumes from the latest checkpoint.
+"""
+
+import json
+import os
+import sys
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxmodel import checkpoint, config as config_lib, data, metrics as metrics_lib, models, optim
+from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
+
+# Keys that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                     'eval_batch_size', 'data.num_workers', 'data.prefetch', 'data_dir')
+
+
+class TrainError(RuntimeError):
+  """A run that cannot start or go on; its message is one line that says what to do."""
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out |= _flatten(value, f'{prefix}{key}.')
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to resume a workdir trained with a config that differs in what it trains."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = _flatten(json.load(f))
+  new = _flatten(config_lib.fingerprint(config))
+  changed = [k for k in sorted(old.keys() | new.keys())
+             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+  if changed:
+    key = changed[0]
+    raise TrainError(f'{workdir} holds a run with a different config ({key}: {old.get(key)!r} '
+                     f'there, {new.get(key)!r} now); use a new --workdir or the same config')
+
+
+def evaluate(eval_fn, state: TrainState, batches: Iterable[dict]) -> dict:
+  """Loss and accuracy over every example of `batches` (padding masked out)."""
+  totals = None
+  for batch in batches:
+    sums = eval_fn(state, batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = float(totals['count'])
+  return {'loss': float(totals['loss_sum']) / count, 'accuracy': float(totals['correct']) / count,
+          'count': int(count)}
+
+
+def _mean_metrics(history: list[dict]) -> dict:
+  history = jax.device_get(history)
+  return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns a summary."""
+  wall_start = time.perf_counter()
+  is_main = jax.process_index() == 0
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise TrainError(f'--workdir {workdir} is a file; pass a folder')
+  os.makedirs(workdir, exist_ok=True)
+  check_resumable(workdir, config)
+  if is_main:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_lib.to_json(config))
+
+  process_count = jax.process_count()
+  if config.batch_size % process_count:
+    raise TrainError(f'batch_size {config.batch_size} does not divide across {process_count} '
+                     f'processes; pick a multiple of {process_count}')
+  local_batch = config.batch_size // process_count
+  train_source, info = data.open_split(config.dataset, config.train_split, config.data_dir)
+  eval_source, _ = data.open_split(config.dataset, config.eval_split, config.data_dir)
+  steps_per_epoch = data.steps_per_epoch(len(train_source), local_batch, process_count)
+  if steps_per_epoch == 0:
+    raise TrainError(f'{config.train_split} has {len(train_source)} examples, fewer than one '
+                     f'batch of {config.batch_size}; lower --config.batch_size')
+  total_steps = steps_per_epoch * config.num_epochs
+
+  num_classes = info.features['label'].num_classes
+  model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+  model = models.get_model(config.model.name, num_classes=num_classes, **model_kwargs)
+  tx = optim.make_optimizer(config.optimizer, total_steps)
+  loss_fn = get_loss(config.loss, config.label_smoothing)
+  image_shape = info.features['image'].shape
+  rng = jax.random.PRNGKey(config.seed)
+  state = create_train_state(model, tx, jnp.zeros((local_batch, *image_shape)), rng, loss_fn)
+
+  train_preprocess = data.preprocess_from_config(config, train=True)
+  eval_preprocess = data.preprocess_from_config(config, train=False)
+  train_iter = iter(data.train_dataset(
+      train_source, train_preprocess, local_batch, seed=config.seed,
+      process_index=jax.process_index(), process_count=process_count,
+      prefetch=config.data.prefetch, num_workers=config.data.num_workers))
+  eval_batches = lambda: data.eval_batches(
+      eval_source, eval_preprocess, config.eval_batch_size,
+      process_index=jax.process_index(), process_count=process_count)
+
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    state = checkpoint.restore(manager, state, train_iter)
+    print(f'resumed from {workdir} at step {int(state.step)}', flush=True)
+  else:
+    sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
+    state = state.replace(params=models.init_from_data(model, state.params, sample))
+
+  print(f'{config.model.name}: {models.count_params(state.params):,} params | '
+        f'{config.dataset} {config.train_split} ({len(train_source)}) -> '
+        f'{config.eval_split} ({len(eval_source)}) | batch {config.batch_size} | '
+        f'{steps_per_epoch} steps/epoch x {config.num_epochs} epochs | {jax.devices()[0].platform}',
+        flush=True)
+
+  step = int(state.step)
+  batch = next(train_iter)
+  compile_start = time.perf_counter()
+  train_fn = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
+  eval_fn = jax.jit(eval_step)
+  compile_seconds = time.perf_counter() - compile_start
+  print(f'compiled the train step in {compile_seconds:.1f} s', flush=True)
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  progress = metrics_lib.Progress(total_steps, step, enabled=is_main)
+  history, eval_metrics = [], None
+  train_seconds, trained_images = 0.0, 0
+  interval_start, interval_step = time.perf_counter(), step
+  try:
+    while step < total_steps:
+      state, step_metrics = train_fn(state, batch)  # dispatched: runs while we fetch the next batch
+      step += 1
+      history.append(step_metrics)
+      batch = next(train_iter) if step < total_steps else None
+      end_of_epoch = step % steps_per_epoch == 0
+      if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
+        train_metrics = _mean_metrics(history)
+        history = []
+        seconds = time.perf_counter() - interval_start
+        images_per_second = (step - interval_step) * config.batch_size / seconds
+        train_seconds += seconds
+        trained_images += (step - interval_step) * config.batch_size
+        writer.write(step, {f'train_{k}': v for k, v in train_metrics.items()}
+                     | {'images_per_second': images_per_second})
+        progress.update(step, step / steps_per_epoch,
+                        {'loss': train_metrics['loss'], 'acc': train_metrics['accuracy'],
+                         'img/s': round(images_per_second)})
+        interval_start, interval_step = time.perf_counter(), step
+      if end_of_epoch or step == total_steps:
+        eval_metrics = evaluate(eval_fn, state, eval_batches())
+        writer.write(step, {f'eval_{k}': v for k, v in eval_metrics.items() if k != 'count'})
+        progress.write(f'epoch {step / steps_per_epoch:.2f} step {step}: validation accuracy '
+                       f'{eval_metrics["accuracy"]:.4f} loss {eval_metrics["loss"]:.4f}')
+        interval_start = time.perf_counter()  # evaluation time is not training time
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        checkpoint.save(manager, state, train_iter)
+  finally:
+    manager.wait_until_finished()
+    progress.close()
+    writer.close()
+
+  if eval_metrics is None:  # resumed a finished run
+    eval_metrics = evaluate(eval_fn, state, eval_batches())
+  summary = {
+      'step': step, 'eval_accuracy': eval_metrics['accuracy'], 'eval_loss': eval_metrics['loss'],
+      'eval_examples': eval_metrics['count'], 'wall_seconds': time.perf_counter() - wall_start,
+      'train_images_per_second': trained_images / train_seconds if train_seconds else None,
+      'compile_seconds': compile_seconds,
+  }
+  if is_main:
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    rate = summary['train_images_per_second']
+    print(f'final validation accuracy {summary["eval_accuracy"]:.4f} '
+          f'({summary["eval_examples"]} examples) | wall time {summary["wall_seconds"]:.0f} s | '
+          + (f'{rate:.0f} images/s' if rate else 'no steps left to train'), flush=True)
+  return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  debug = '--debug' in argv
+  try:
+    config, spec, workdir, debug = config_lib.parse_command_line(argv, 'train')
+    if workdir is None:
+      name = os.path.splitext(os.path.basename(spec))[0]
+      workdir = os.path.join('runs', f'{name}-{time.strftime("%Y%m%d-%H%M%S")}')
+    print(f'workdir {workdir} | config {spec}: ' + config_lib.summary(
+        config, ['model.name', 'dataset', 'batch_size', 'num_epochs', 'optimizer.name',
+                 'optimizer.learning_rate', 'optimizer.schedule']), flush=True)
+    train_and_evaluate(config, workdir)
+  except (config_lib.ConfigError, data.DataError, TrainError, ValueError) as e:
+    if debug:
+      raise
+    print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print('interrupted; rerun the same command to resume from the latest checkpoint',
+          file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,83 @@
+"""Optimizers and schedules built from config values."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxmodel import make_optimizer, make_schedule
+from jaxmodel.config import base_config
+
+
+def _config(**changes):
+  config = base_config().optimizer
+  config.update(changes)
+  return config
+
+
+@pytest.mark.parametrize('schedule', ['warmup_cosine', 'warmup_linear'])
+def test_warmup_then_decay_hits_its_marks(schedule):
+  lr = make_schedule(_config(schedule=schedule, learning_rate=2.0, warmup_fraction=0.1,
+                             init_scale=0.2, final_scale=0.05), total_steps=100)
+  np.testing.assert_allclose(lr(0), 0.4, rtol=1e-6)
+  np.testing.assert_allclose(lr(5), 1.2, rtol=1e-6)
+  np.testing.assert_allclose(lr(10), 2.0, rtol=1e-6)
+  np.testing.assert_allclose(lr(100), 0.1, rtol=1e-5)
+  middle = 2.0 * (0.05 + 0.95 * 0.5)  # half-way through the decay, for both shapes
+  np.testing.assert_allclose(lr(55), middle, rtol=1e-5)
+  assert make_schedule(_config(schedule='constant', learning_rate=0.3), 100)(77) == 0.3
+
+
+def test_sgd_with_nesterov_and_l2_matches_the_torch_formula():
+  params = {'w': jnp.array([1.0, -2.0])}
+  grads = {'w': jnp.array([0.5, 0.25])}
+  tx = make_optimizer(_config(name='sgd', learning_rate=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=0.01, schedule='constant'), 10)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params)
+  g = grads['w'] + 0.01 * params['w']  # torch.optim.SGD: decay added to the gradient
+  buf = g  # first step: the momentum buffer is the gradient
+  chex.assert_trees_all_close(updates['w'], -0.1 * (g + 0.9 * buf), rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam', 'adamw'])
+def test_each_optimizer_minimizes_a_quadratic(name):
+  tx = make_optimizer(_config(name=name, learning_rate=0.05, weight_decay=1e-4,
+                              schedule='constant'), 200)
+  params = {'w': jnp.array([3.0, -1.0])}
+  state = tx.init(params)
+  loss = lambda p: jnp.sum(p['w'] ** 2)
+  for _ in range(200):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    params = optax.apply_updates(params, updates)
+  assert float(loss(params)) < 1e-2
+
+
+def test_lr_multipliers_freeze_and_scale_groups():
+  params = {'stem': {'kernel': jnp.ones(2)}, 'norm': {'bias': jnp.ones(2)},
+            'head': {'kernel': jnp.ones(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer(_config(name='sgd', momentum=0.0, learning_rate=0.1, weight_decay=0.0,
+                              schedule='constant',
+                              lr_multipliers=(('stem/kernel', 0.0), ('norm/bias', 4.0))), 10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  chex.assert_trees_all_close(updates, {'stem': {'kernel': jnp.zeros(2)},
+                                        'norm': {'bias': -0.4 * jnp.ones(2)},
+                                        'head': {'kernel': -0.1 * jnp.ones(2)}})
+
+
+def test_gradient_clipping_bounds_the_step():
+  tx = make_optimizer(_config(name='sgd', momentum=0.0, learning_rate=1.0, weight_decay=0.0,
+                              schedule='constant', grad_clip_norm=1.0), 10)
+  params = {'w': jnp.zeros(2)}
+  updates, _ = tx.update({'w': jnp.array([30.0, 40.0])}, tx.init(params), params)
+  chex.assert_trees_all_close(updates['w'], jnp.array([-0.6, -0.8]), rtol=1e-6)
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match='unknown optimizer'):
+    make_optimizer(_config(name='lion'), 10)
+  with pytest.raises(ValueError, match='unknown schedule'):
+    make_optimizer(_config(schedule='step'), 10)
