@@ -21,7 +21,7 @@ def get_config():
                   'whiten_stride': 2}
   config.batch_size = 512
   config.eval_batch_size = 1000
-  config.num_epochs = 8
+  config.num_epochs = 10
   config.data.crop_padding = 2
   config.label_smoothing = 0.2
   # airbench's hyperparameters, rescaled from its summed loss at batch 1024 to a mean loss.

@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   # `python -m jaxmodel.prepare`. Validation is carved from train by TFDS split slicing.
   config.dataset = 'cifar10_jpeg'
   config.data_dir = config_dict.placeholder(str)
+  config.download = True  # TFDS catalog datasets (cifar10, mnist, ...) missing from data_dir
   config.train_split = 'train[:90%]'
   config.eval_split = 'train[90%:]'
   config.data = ml_collections.ConfigDict()

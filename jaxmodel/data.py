@@ -24,8 +24,13 @@ def default_data_dir(data_dir: str | None = None) -> str:
   return data_dir or os.environ.get('TFDS_DATA_DIR') or os.path.expanduser('~/tensorflow_datasets')
 
 
-def open_split(name: str, split: str, data_dir: str | None = None) -> tuple[Any, Any]:
-  """The random-access source of `name[split]` and the dataset's tfds.core.DatasetInfo."""
+def open_split(name: str, split: str, data_dir: str | None = None,
+               download: bool = False) -> tuple[Any, Any]:
+  """The random-access source of `name[split]` and the dataset's tfds.core.DatasetInfo.
+
+  With `download`, a TFDS catalog dataset not yet in `data_dir` is downloaded and prepared
+  (array_record) first; that needs the internet.
+  """
   import tensorflow_datasets as tfds  # imported here: it is slow and many callers never need it
   data_dir = default_data_dir(data_dir)
   prepare_hint = (f'prepare an image folder with `python -m jaxmodel.prepare PATH --name {name} '
@@ -36,17 +41,33 @@ def open_split(name: str, split: str, data_dir: str | None = None) -> tuple[Any,
     raise DataError(f'dataset {name!r} is not in {data_dir} nor in the TFDS catalog; '
                     f'{prepare_hint}') from None
   if not builder.is_prepared():
-    raise DataError(f'dataset {name!r} is not prepared in {data_dir}; {prepare_hint}, or run '
-                    f'tfds.data_source({name!r}, download=True) on a machine with internet') from None
+    if not download:
+      raise DataError(f'dataset {name!r} is not prepared in {data_dir}; {prepare_hint}, or set '
+                      f'--config.download=True on a machine with internet')
+    try:
+      builder.download_and_prepare(file_format='array_record')
+    except Exception as e:  # any failure to fetch or build: network, disk, missing packages
+      raise DataError(f'could not download and prepare {name!r} ({str(e).splitlines()[0][:200]}); '
+                      f'{prepare_hint}') from None
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except (ValueError, KeyError, AssertionError) as e:
-    splits = ', '.join(f'{s} ({v.num_examples})' for s, v in builder.info.splits.items())
-    raise DataError(f'split {split!r} of {name!r} cannot be read ({str(e).splitlines()[0]}); '
-                    f'its splits are {splits}, sliced like train[:90%]') from None
+    if _num_examples(builder.info, split) == 0:  # TFDS fails on empty slices with a vaguer message
+      source = []
+    else:
+      splits = ', '.join(f'{s} ({v.num_examples})' for s, v in builder.info.splits.items())
+      raise DataError(f'split {split!r} of {name!r} cannot be read ({str(e).splitlines()[0]}); '
+                      f'its splits are {splits}, sliced like train[:90%]') from None
   if len(source) == 0:
     raise DataError(f'split {split!r} of {name!r} selects no examples; widen the slice')
   return source, builder.info
+
+
+def _num_examples(info: Any, split: str) -> int | None:
+  try:
+    return info.splits[split].num_examples
+  except (ValueError, KeyError):
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

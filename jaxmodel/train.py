@@ -86,7 +86,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise TrainError(f'batch_size {config.batch_size} does not divide across {process_count} '
                      f'processes; pick a multiple of {process_count}')
   local_batch = config.batch_size // process_count
-  train_source, info = data.open_split(config.dataset, config.train_split, config.data_dir)
+  train_source, info = data.open_split(config.dataset, config.train_split, config.data_dir,
+                                       config.download)
   eval_source, _ = data.open_split(config.dataset, config.eval_split, config.data_dir)
   steps_per_epoch = data.steps_per_epoch(len(train_source), local_batch, process_count)
   if steps_per_epoch == 0:
@@ -142,10 +143,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   interval_start, interval_step = time.perf_counter(), step
   try:
     while step < total_steps:
-      state, step_metrics = train_fn(state, batch)  # dispatched: runs while we fetch the next batch
+      state, step_metrics = train_fn(state, batch)  # dispatched: runs while the host goes on
       step += 1
       history.append(step_metrics)
-      batch = next(train_iter) if step < total_steps else None
       end_of_epoch = step % steps_per_epoch == 0
       if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
         train_metrics = _mean_metrics(history)
@@ -167,7 +167,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f'{eval_metrics["accuracy"]:.4f} loss {eval_metrics["loss"]:.4f}')
         interval_start = time.perf_counter()  # evaluation time is not training time
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpoint.save(manager, state, train_iter)
+        checkpoint.save(manager, state, train_iter)  # the iterator has yielded exactly `step` batches
+      if step < total_steps:
+        batch = next(train_iter)
   finally:
     manager.wait_until_finished()
     progress.close()

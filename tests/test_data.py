@@ -132,3 +132,18 @@ def test_worker_processes_give_the_same_batches():
   threads = _take(iter(data.train_dataset(source, PLAIN, 8, seed=0)), 6)
   workers = _take(iter(data.train_dataset(source, PLAIN, 8, seed=0, num_workers=2)), 6)
   chex.assert_trees_all_equal(workers, threads)
+
+
+def test_catalog_datasets_are_read_by_name(tmp_path):
+  import tensorflow_datasets as tfds
+  with tfds.testing.mock_data(num_examples=20, data_dir=str(tmp_path)):
+    source, info = data.open_split('cifar10', 'train', str(tmp_path), download=True)
+    example = source[0]
+  assert len(source) == 20
+  assert info.features['label'].num_classes == 10
+  chex.assert_shape(example['image'], (32, 32, 3))
+
+
+def test_a_catalog_dataset_missing_offline_says_how_to_get_it(tmp_path):
+  with pytest.raises(data.DataError, match="'mnist' is not prepared in .*--config.download=True"):
+    data.open_split('mnist', 'train', str(tmp_path), download=False)
