@@ -37,6 +37,14 @@ class MetricWriter:
       self._tensorboard.close()
 
 
+def _terminal_width(stream) -> int:
+  """Columns of the terminal `stream` writes to; 0 for a file, a pipe or a sizeless pty."""
+  try:
+    return os.get_terminal_size(stream.fileno()).columns if stream.isatty() else 0
+  except (OSError, ValueError, AttributeError):
+    return 0
+
+
 def _duration(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -50,7 +58,7 @@ class Progress:
                stream=sys.stderr):
     self.total_steps, self.enabled, self.stream = total_steps, enabled, stream
     self._bar = None
-    if enabled and stream.isatty():
+    if enabled and _terminal_width(stream) > 0:
       self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, file=stream, unit='step',
                             dynamic_ncols=True, smoothing=0.1)
     self._step = initial_step

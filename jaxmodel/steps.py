@@ -80,7 +80,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             model_state=dict(model_state), opt_state=opt_state)
   metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-             'grad_norm': optax.global_norm(grads)}
+             'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics
 
 
