@@ -70,6 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ((regex on 'path/to/param', multiplier), ...): scales those params' learning rate; 0 freezes.
   config.optimizer.lr_multipliers = ()
 
+  config.compilation_cache = True  # JAX's persistent compile cache in ~/.cache/jaxmodel/xla
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # and at the end of training
   config.keep_checkpoints = 3

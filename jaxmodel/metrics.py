@@ -9,6 +9,9 @@ import os
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
@@ -91,3 +94,19 @@ class Progress:
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
+
+
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """The device's practical float32 peak: median FLOP/s of an n x n x n matmul, jitted.
+
+  A model's FLOPs utilization (MFU) is its XLA-counted FLOPs per second over this number.
+  """
+  a = jnp.ones((n, n), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * n**3 / float(np.median(times))

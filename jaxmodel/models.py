@@ -8,11 +8,17 @@ statistics in 'batch_stats') are model state updated by the train step.
 """
 
 from typing import Any, Callable, Sequence
+import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxmodel import ops
+
+# Every model's convolutions: XLA's on GPU/TPU, a faster weight gradient on CPU (see ops.py).
+Conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_general_dilated)
 
 
 class SeedCNN(nn.Module):
@@ -22,8 +28,8 @@ class SeedCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train
-    x = nn.max_pool(nn.relu(nn.Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
-    x = nn.max_pool(nn.relu(nn.Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
+    x = nn.max_pool(nn.relu(Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
+    x = nn.max_pool(nn.relu(Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
     x = nn.relu(nn.Dense(120)(x))
     x = nn.relu(nn.Dense(84)(x))
@@ -53,13 +59,13 @@ class ResidualBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
-    y = nn.Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(x)
+    y = Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(x)
     y = nn.relu(norm()(y))
-    y = nn.Conv(self.width, (3, 3), use_bias=False)(y)
+    y = Conv(self.width, (3, 3), use_bias=False)(y)
     # Zero-init of the last BatchNorm scale makes each block start as the identity.
     y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros)(y)
     if x.shape != y.shape:
-      x = nn.Conv(self.width, (1, 1), (self.stride, self.stride), use_bias=False)(x)
+      x = Conv(self.width, (1, 1), (self.stride, self.stride), use_bias=False)(x)
       x = norm()(x)
     return nn.relu(x + y)
 
@@ -73,7 +79,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = nn.Conv(self.width, (3, 3), use_bias=False)(x)
+    x = Conv(self.width, (3, 3), use_bias=False)(x)
     x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
@@ -104,10 +110,10 @@ class ConvGroup(nn.Module):
     # Frozen scale (use_scale=False), tiny eps and fast statistics follow the airbench recipe.
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.6, epsilon=1e-12,
                                 use_scale=False)
-    x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
+    x = Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = nn.gelu(norm()(x))
-    x = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
+    x = Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
     return nn.gelu(norm()(x))
 
 
@@ -126,7 +132,7 @@ class Airbench(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     stride = (self.whiten_stride, self.whiten_stride)
-    x = nn.gelu(nn.Conv(self.whiten_width, (2, 2), stride, padding='VALID', name='whiten')(x))
+    x = nn.gelu(Conv(self.whiten_width, (2, 2), stride, padding='VALID', name='whiten')(x))
     for width in self.widths:
       x = ConvGroup(width)(x, train)
     x = jnp.max(x, axis=(1, 2))

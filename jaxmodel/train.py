@@ -19,7 +19,17 @@ from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, 
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
-                     'eval_batch_size', 'data.num_workers', 'data.prefetch', 'data_dir')
+                     'eval_batch_size', 'data.num_workers', 'data.prefetch', 'data_dir',
+                     'compilation_cache')
+
+
+def enable_compilation_cache() -> str:
+  """Turns on JAX's persistent compilation cache in the user's cache dir; returns the dir."""
+  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
+  path = os.path.join(cache_home, 'jaxmodel', 'xla')
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  return path
 
 
 class TrainError(RuntimeError):
@@ -72,6 +82,8 @@ def _mean_metrics(history: list[dict]) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns a summary."""
   wall_start = time.perf_counter()
+  if config.compilation_cache:
+    enable_compilation_cache()
   is_main = jax.process_index() == 0
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise TrainError(f'--workdir {workdir} is a file; pass a folder')
@@ -134,7 +146,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_fn = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
   eval_fn = jax.jit(eval_step)
   compile_seconds = time.perf_counter() - compile_start
-  print(f'compiled the train step in {compile_seconds:.1f} s', flush=True)
+  flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
+  print(f'compiled the train step in {compile_seconds:.1f} s '
+        f'({flops_per_step / 1e9:.2f} GFLOP per step)', flush=True)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, step, enabled=is_main)
@@ -181,8 +195,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'step': step, 'eval_accuracy': eval_metrics['accuracy'], 'eval_loss': eval_metrics['loss'],
       'eval_examples': eval_metrics['count'], 'wall_seconds': time.perf_counter() - wall_start,
       'train_images_per_second': trained_images / train_seconds if train_seconds else None,
-      'compile_seconds': compile_seconds,
+      'compile_seconds': compile_seconds, 'flops_per_step': flops_per_step,
   }
+  if summary['train_images_per_second'] and flops_per_step:
+    achieved = flops_per_step * summary['train_images_per_second'] / local_batch
+    peak = metrics_lib.measure_matmul_flops()
+    summary |= {'train_flops_per_second': achieved, 'peak_matmul_flops_per_second': peak,
+                'model_flops_utilization': achieved / peak}
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
@@ -190,6 +209,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     print(f'final validation accuracy {summary["eval_accuracy"]:.4f} '
           f'({summary["eval_examples"]} examples) | wall time {summary["wall_seconds"]:.0f} s | '
           + (f'{rate:.0f} images/s' if rate else 'no steps left to train'), flush=True)
+    if 'model_flops_utilization' in summary:
+      print(f'model FLOPs utilization {summary["model_flops_utilization"]:.0%}: '
+            f'{summary["train_flops_per_second"] / 1e9:.1f} GFLOP/s (XLA cost analysis) of a '
+            f'{summary["peak_matmul_flops_per_second"] / 1e9:.1f} GFLOP/s float32 matmul measured '
+            f'on this {jax.devices()[0].platform}', flush=True)
   return summary
 
 

@@ -13,7 +13,7 @@ import pytest
 STEPS_PER_EPOCH, EPOCHS = 16, 4  # 800 train images in batches of 50
 
 
-def _train(cifar_small, workdir, *extra):
+def _train(cifar_small, workdir, *extra, cache_home=None):
   command = [
       sys.executable, '-m', 'jaxmodel.train', '--config=cifar', f'--workdir={workdir}',
       f'--config.dataset={cifar_small["name"]}', f'--config.data_dir={cifar_small["data_dir"]}',
@@ -21,8 +21,10 @@ def _train(cifar_small, workdir, *extra):
       '--config.model.widths=(16, 32, 64)', '--config.batch_size=50',
       '--config.optimizer.learning_rate=0.2', f'--config.num_epochs={EPOCHS}',
       '--config.checkpoint_every_steps=16', '--config.keep_checkpoints=10', *extra]
-  result = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  if cache_home:
+    env['XDG_CACHE_HOME'] = str(cache_home)
+  result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -35,7 +37,10 @@ def _final_arrays(workdir, step):
 @pytest.fixture(scope='module')
 def finished_run(cifar_small, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp('run'))
-  return workdir, _train(cifar_small, workdir)
+  cache_home = tmp_path_factory.mktemp('cache')
+  stdout = _train(cifar_small, workdir, cache_home=cache_home)
+  assert os.listdir(cache_home / 'jaxmodel' / 'xla'), 'the compilation cache stayed empty'
+  return workdir, stdout
 
 
 def test_cli_run_learns_and_reports(finished_run):
@@ -46,7 +51,10 @@ def test_cli_run_learns_and_reports(finished_run):
   # Chance is 0.10; 0.2 is over 4 standard deviations above it on 200 examples.
   assert summary['eval_accuracy'] > 0.2
   assert f'final validation accuracy {summary["eval_accuracy"]:.4f}' in stdout
-  assert 'images/s' in stdout.splitlines()[-1]
+  assert 'images/s' in stdout.splitlines()[-2]
+  assert summary['flops_per_step'] > 0
+  assert 0 < summary['model_flops_utilization'] < 1.5
+  assert stdout.splitlines()[-1].startswith('model FLOPs utilization')
 
 
 def test_cli_run_writes_config_metrics_and_tensorboard(finished_run):
