@@ -12,7 +12,7 @@ from jaxmodel import ops
 CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((4, 9, 9, 3), (3, 3, 3, 5), (1, 1), 'SAME'),
     ((2, 32, 32, 3), (2, 2, 3, 24), (2, 2), 'VALID'),
-    ((3, 12, 12, 4), (5, 5, 4, 6), (1, 1), 'VALID'),
+    ((3, 12, 12, 4), (5, 5, 4, 6), (1, 1), 'VALID'),  # XLA's path
     ((2, 10, 10, 2), (3, 3, 2, 4), (2, 2), ((1, 0), (2, 1))),
     ((2, 8, 8, 6), (1, 1, 6, 3), (2, 2), 'SAME'),
 ]
@@ -64,9 +64,12 @@ def test_other_convolutions_fall_back_to_xla():
                                feature_group_count=2)
   chex.assert_trees_all_close(y, lax.conv_general_dilated(
       x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
+  large = jax.jit(jax.grad(lambda k: jnp.sum(_fast(jnp.ones((2, 8, 8, 3)), k, (1, 1), 'SAME'))))
+  hlo = large.lower(jnp.ones((5, 5, 3, 4))).compile().as_text()
+  assert hlo.count('convolution(') == 2  # a 5x5 kernel keeps XLA's weight-gradient convolution
 
 
-@pytest.mark.parametrize('name,kwargs', [('seed_cnn', {}),
+@pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
                                          ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2})])
 def test_models_train_the_same_with_xla_convolutions(name, kwargs, monkeypatch):
   from jaxmodel import cross_entropy_loss, get_model
