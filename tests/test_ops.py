@@ -53,8 +53,8 @@ def test_the_cpu_backward_pass_is_the_patch_matmul():
   grad_fn = jax.jit(jax.grad(lambda k: jnp.sum(_fast(x, k, (1, 1), 'SAME'))))
   hlo = grad_fn.lower(kernel).compile().as_text()
   # XLA's own weight gradient is a convolution of the input with the output gradient; ours is a
-  # dot: the compiled program has only the forward convolution left.
-  assert hlo.count('convolution(') <= 1 and 'dot(' in hlo
+  # dot (the forward and input-gradient convolutions are not needed here and are pruned).
+  assert 'convolution(' not in hlo and 'dot(' in hlo
 
 
 def test_other_convolutions_fall_back_to_xla():
@@ -66,7 +66,7 @@ def test_other_convolutions_fall_back_to_xla():
       x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
   large = jax.jit(jax.grad(lambda k: jnp.sum(_fast(jnp.ones((2, 8, 8, 3)), k, (1, 1), 'SAME'))))
   hlo = large.lower(jnp.ones((5, 5, 3, 4))).compile().as_text()
-  assert hlo.count('convolution(') == 2  # a 5x5 kernel keeps XLA's weight-gradient convolution
+  assert 'convolution(' in hlo and 'dot(' not in hlo  # 5x5: XLA's weight-gradient convolution
 
 
 @pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
