@@ -3,9 +3,9 @@
 XLA:CPU computes a convolution's weight gradient 4-10x slower than its forward pass (measured in
 experiments/). `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (pass it to
 `nn.Conv(conv_general_dilated=...)`): on CPU, for plain NHWC/HWIO convolutions with kernels of
-at most 3x3, its backward pass
-computes the weight gradient as one matmul of image patches by the output gradient; GPU and TPU
-lower to XLA's convolution unchanged (`lax.platform_dependent` picks at lowering time).
+at most 3x3, its backward pass computes the weight gradient as one matmul of image patches by the
+output gradient; GPU and TPU lower to XLA's convolution unchanged (`lax.platform_dependent` picks
+at lowering time).
 Set JAXMODEL_XLA_CONV=1 to use XLA's convolution on CPU too (for comparisons).
 """
 
@@ -61,8 +61,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
   # Measured here: the patch matmul wins for 3x3 and smaller kernels; for seed_cnn's 5x5 ones
   # (25 taps over few channels) XLA's own backward was faster.
-  plain = (nhwc and rhs.shape[0] * rhs.shape[1] <= 9 and all(d == 1 for d in (lhs_dilation or (1,))) and all(d == 1 for d in (rhs_dilation or (1,)))
-           and feature_group_count == 1 and batch_group_count == 1 and preferred_element_type is None)
+  undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+  plain = (nhwc and undilated and rhs.shape[0] * rhs.shape[1] <= 9 and feature_group_count == 1
+           and batch_group_count == 1 and preferred_element_type is None)
   xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                           padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                           dimension_numbers=dimension_numbers,
