@@ -74,6 +74,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # and at the end of training
   config.keep_checkpoints = 3
+  # Also keep the best N checkpoints by the validation best_metric, saved at every evaluation
+  # (epoch end); 0 turns it off. `python -m jaxmodel.evaluate --checkpoint best` loads the best.
+  config.keep_best_checkpoints = 1
+  config.best_metric = 'accuracy'  # validation 'accuracy' (higher is better) or 'loss' (lower)
+  # Stop after this many evaluations in a row without best_metric improving by more than
+  # early_stopping_min_delta; 0 turns early stopping off.
+  config.early_stopping_patience = 0
+  config.early_stopping_min_delta = 0.0
+  # Fine-tuning: a workdir whose latest checkpoint gives the starting params and model state (same
+  # model; a head for another class count starts fresh). '' starts from a random init.
+  config.init_from = ''
+  config.profile_steps = ''  # 'A:B': a jax.profiler trace of steps A+1..B in WORKDIR/profile
   return config
 
 
@@ -182,6 +194,16 @@ def summary(config: ml_collections.ConfigDict, keys: Sequence[str]) -> str:
   return ' '.join(parts)
 
 
+def profile_range(spec: str) -> tuple[int, int] | None:
+  """(A, B) from profile_steps 'A:B' (0 <= A < B), else None."""
+  start, _, stop = spec.partition(':')
+  try:
+    start, stop = int(start), int(stop)
+  except ValueError:
+    return None
+  return (start, stop) if 0 <= start < stop else None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects values no run can use, before anything is built."""
   checks = [
@@ -196,6 +218,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be positive'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
       (config.data.crop_padding >= 0, 'data.crop_padding must be >= 0'),
+      (config.keep_best_checkpoints >= 0, 'keep_best_checkpoints must be >= 0'),
+      (config.best_metric in ('accuracy', 'loss'), "best_metric must be 'accuracy' or 'loss'"),
+      (config.early_stopping_patience >= 0, 'early_stopping_patience must be >= 0'),
+      (config.early_stopping_min_delta >= 0, 'early_stopping_min_delta must be >= 0'),
+      (config.profile_steps == '' or profile_range(config.profile_steps) is not None,
+       "profile_steps must be '' or 'A:B' with 0 <= A < B"),
   ]
   for ok, message in checks:
     if not ok:

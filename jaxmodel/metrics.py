@@ -110,3 +110,64 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     matmul(a).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * n**3 / float(np.median(times))
+
+
+class EarlyStopping:
+  """Says when to stop: after `patience` evaluations in a row that did not improve the best value
+  of the validation metric by more than `min_delta`. Patience 0 never stops."""
+
+  def __init__(self, metric: str = 'accuracy', patience: int = 0, min_delta: float = 0.0):
+    self.higher_is_better = metric != 'loss'
+    self.patience, self.min_delta = patience, min_delta
+    self.best, self.best_step, self.evaluations_without_improvement = None, None, 0
+
+  def update(self, step: int, value: float) -> bool:
+    """Records the metric's `value` at `step`; True when training should stop."""
+    gain = (value - self.best if self.higher_is_better else self.best - value) \
+        if self.best is not None else float('inf')
+    if gain > self.min_delta:
+      self.best, self.best_step, self.evaluations_without_improvement = value, step, 0
+    else:
+      self.evaluations_without_improvement += 1
+    return self.should_stop
+
+  @property
+  def should_stop(self) -> bool:
+    return 0 < self.patience <= self.evaluations_without_improvement
+
+
+def read_evaluations(workdir: str, up_to_step: int) -> list[dict]:
+  """The validation records of metrics.jsonl up to `up_to_step`, one per step, in step order
+  (a resumed run may have logged a step twice: the later record wins)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  by_step = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        record = json.loads(line)
+        if 'eval_accuracy' in record and record['step'] <= up_to_step:
+          by_step[record['step']] = record
+  return [by_step[s] for s in sorted(by_step)]
+
+
+class StepProfiler:
+  """A jax.profiler trace (TensorBoard's profile plugin and Perfetto read it) of the train steps
+  that take the step counter from `start` to `stop`, written under `log_dir`."""
+
+  def __init__(self, steps: tuple[int, int] | None, log_dir: str):
+    self.steps, self.log_dir, self.active = steps, log_dir, False
+
+  def before_step(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
+      self.active = True
+
+  def after_step(self, step: int, outputs) -> None:
+    if self.active and step >= self.steps[1]:
+      jax.block_until_ready(outputs)  # the trace must hold the steps' device work
+      self.stop()
+
+  def stop(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False

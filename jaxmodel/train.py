@@ -15,12 +15,13 @@ import ml_collections
 import numpy as np
 
 from jaxmodel import checkpoint, config as config_lib, data, metrics as metrics_lib, models, optim
+from jaxmodel import plots, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                      'eval_batch_size', 'data.num_workers', 'data.prefetch', 'data_dir',
-                     'compilation_cache')
+                     'compilation_cache', 'keep_best_checkpoints', 'profile_steps')
 
 
 def enable_compilation_cache() -> str:
@@ -126,10 +127,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_source, eval_preprocess, config.eval_batch_size,
       process_index=jax.process_index(), process_count=process_count)
 
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
+                                    **checkpoint.best_options(config))
   if manager.latest_step() is not None:
     state = checkpoint.restore(manager, state, train_iter)
     print(f'resumed from {workdir} at step {int(state.step)}', flush=True)
+  elif config.init_from:
+    params, model_state, fresh = trained.init_from(config.init_from, config, state.params,
+                                                   state.model_state)
+    state = state.replace(params=params, model_state=model_state, opt_state=tx.init(params))
+    print(f'initialized from {config.init_from}'
+          + (f'; re-initialized {", ".join(fresh)} (shape differs there)' if fresh else ''),
+          flush=True)
   else:
     sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
     state = state.replace(params=models.init_from_data(model, state.params, sample))
@@ -152,13 +161,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, step, enabled=is_main)
+  stopper = metrics_lib.EarlyStopping(config.best_metric, config.early_stopping_patience,
+                                      config.early_stopping_min_delta)
+  for record in metrics_lib.read_evaluations(workdir, step):  # a resumed run's evaluations
+    stopper.update(record['step'], record[f'eval_{config.best_metric}'])
+  profiler = metrics_lib.StepProfiler(
+      config_lib.profile_range(config.profile_steps) if config.profile_steps else None,
+      os.path.join(workdir, 'profile'))
   history, eval_metrics = [], None
   train_seconds, trained_images = 0.0, 0
   interval_start, interval_step = time.perf_counter(), step
   try:
-    while step < total_steps:
+    while step < total_steps and not stopper.should_stop:
+      profiler.before_step(step)
       state, step_metrics = train_fn(state, batch)  # dispatched: runs while the host goes on
       step += 1
+      profiler.after_step(step, step_metrics)
       history.append(step_metrics)
       end_of_epoch = step % steps_per_epoch == 0
       if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
@@ -174,17 +192,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         {'loss': train_metrics['loss'], 'acc': train_metrics['accuracy'],
                          'img/s': round(images_per_second)})
         interval_start, interval_step = time.perf_counter(), step
-      if end_of_epoch or step == total_steps:
+      evaluated = end_of_epoch or step == total_steps
+      if evaluated:
         eval_metrics = evaluate(eval_fn, state, eval_batches())
         writer.write(step, {f'eval_{k}': v for k, v in eval_metrics.items() if k != 'count'})
         progress.write(f'epoch {step / steps_per_epoch:.2f} step {step}: validation accuracy '
                        f'{eval_metrics["accuracy"]:.4f} loss {eval_metrics["loss"]:.4f}')
         interval_start = time.perf_counter()  # evaluation time is not training time
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpoint.save(manager, state, train_iter)  # the iterator has yielded exactly `step` batches
-      if step < total_steps:
+        if stopper.update(step, eval_metrics[config.best_metric]):
+          progress.write(f'early stopping at step {step}: validation {config.best_metric} has '
+                         f'not improved for {config.early_stopping_patience} evaluations (best '
+                         f'{stopper.best:.4f} at step {stopper.best_step})')
+      # Every evaluation is saved with its metrics when the best checkpoints are kept.
+      if (step % config.checkpoint_every_steps == 0 or step == total_steps or stopper.should_stop
+          or (evaluated and config.keep_best_checkpoints)):
+        # The iterator has yielded exactly `step` batches.
+        checkpoint.save(manager, state, train_iter, metrics=(
+            {k: eval_metrics[k] for k in ('accuracy', 'loss')} if evaluated else None))
+      if step < total_steps and not stopper.should_stop:
         batch = next(train_iter)
   finally:
+    profiler.stop()
     manager.wait_until_finished()
     progress.close()
     writer.close()
@@ -196,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'eval_examples': eval_metrics['count'], 'wall_seconds': time.perf_counter() - wall_start,
       'train_images_per_second': trained_images / train_seconds if train_seconds else None,
       'compile_seconds': compile_seconds, 'flops_per_step': flops_per_step,
+      'stopped_early': stopper.should_stop, 'best_step': stopper.best_step,
   }
   if summary['train_images_per_second'] and flops_per_step:
     achieved = flops_per_step * summary['train_images_per_second'] / local_batch
@@ -205,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main:
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
+    plots.learning_curves(workdir)
     rate = summary['train_images_per_second']
     print(f'final validation accuracy {summary["eval_accuracy"]:.4f} '
           f'({summary["eval_examples"]} examples) | wall time {summary["wall_seconds"]:.0f} s | '
