@@ -62,7 +62,8 @@ def evaluate(trained: trained_lib.Trained, batches: Iterable[dict], tta: bool = 
   per_class = {}
   for i, name in enumerate(trained.class_names):
     total = int(confusion[i].sum())
-    per_class[name] = {'accuracy': float(confusion[i, i] / total) if total else None, 'count': total}
+    accuracy = float(confusion[i, i] / total) if total else None
+    per_class[name] = {'accuracy': accuracy, 'count': total}
   return {'accuracy': float(np.trace(confusion)) / count, 'loss': loss_sum / count,
           'count': count, 'per_class': per_class, 'confusion_matrix': confusion.tolist()}
 
@@ -83,7 +84,8 @@ def format_report(results: dict, class_names: Sequence[str]) -> str:
 
 
 def _slug(text: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.%~-]+', '_', text.replace(':', '~')).strip('_')  # train[:80%] -> train_~80%
+  """A file name part: 'ds-train[:80%]' -> 'ds-train_~80%'."""
+  return re.sub(r'[^A-Za-z0-9_.%~-]+', '_', text.replace(':', '~')).strip('_')
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--image-folder', help='a folder of CLASS/*.jpg|png to evaluate instead')
   parser.add_argument('--checkpoint', default='latest', help='latest, best or a step number')
   parser.add_argument('--tta', action='store_true',
-                      help='test-time augmentation: average the logits of each image and its mirror')
+                      help='test-time augmentation: mean logits of each image and its mirror')
   parser.add_argument('--batch-size', type=int, default=None,
                       help='default: the run\'s eval_batch_size')
   return trained_lib.run_cli(_main, parser, argv)

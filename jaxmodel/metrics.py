@@ -114,12 +114,13 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
 
 class EarlyStopping:
   """Says when to stop: after `patience` evaluations in a row that did not improve the best value
-  of the validation metric by more than `min_delta`. Patience 0 never stops."""
+  of the validation metric by more than `min_delta`, and from then on. Patience 0 never stops."""
 
   def __init__(self, metric: str = 'accuracy', patience: int = 0, min_delta: float = 0.0):
     self.higher_is_better = metric != 'loss'
     self.patience, self.min_delta = patience, min_delta
     self.best, self.best_step, self.evaluations_without_improvement = None, None, 0
+    self.should_stop = False
 
   def update(self, step: int, value: float) -> bool:
     """Records the metric's `value` at `step`; True when training should stop."""
@@ -129,11 +130,8 @@ class EarlyStopping:
       self.best, self.best_step, self.evaluations_without_improvement = value, step, 0
     else:
       self.evaluations_without_improvement += 1
+    self.should_stop |= 0 < self.patience <= self.evaluations_without_improvement
     return self.should_stop
-
-  @property
-  def should_stop(self) -> bool:
-    return 0 < self.patience <= self.evaluations_without_improvement
 
 
 def read_evaluations(workdir: str, up_to_step: int) -> list[dict]:

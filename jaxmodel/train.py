@@ -137,8 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                    state.model_state)
     state = state.replace(params=params, model_state=model_state, opt_state=tx.init(params))
     print(f'initialized from {config.init_from}'
-          + (f'; re-initialized {", ".join(fresh)} (shape differs there)' if fresh else ''),
-          flush=True)
+          + (f'; re-initialized {", ".join(sorted(fresh))} (not there with this shape, e.g. '
+             f'another class count)' if fresh else ''), flush=True)
   else:
     sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
     state = state.replace(params=models.init_from_data(model, state.params, sample))
@@ -165,6 +165,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                       config.early_stopping_min_delta)
   for record in metrics_lib.read_evaluations(workdir, step):  # a resumed run's evaluations
     stopper.update(record['step'], record[f'eval_{config.best_metric}'])
+  if stopper.should_stop:
+    print(f'early stopping had ended this run at step {step}; nothing left to train', flush=True)
   profiler = metrics_lib.StepProfiler(
       config_lib.profile_range(config.profile_steps) if config.profile_steps else None,
       os.path.join(workdir, 'profile'))

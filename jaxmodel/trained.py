@@ -1,4 +1,4 @@
-"""A trained model rebuilt from its workdir (config.json + checkpoints), for inference and fine-tuning.
+"""A trained model rebuilt from its workdir (config.json + checkpoints), for inference and tuning.
 
 `load(workdir)` gives the model, its variables (params and model state), the class names (from the
 training dataset's TFDS info), the input shape and the normalization, so evaluate, predict and
@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
 class LoadError(ValueError):
-  """A workdir, checkpoint or image that cannot be used; its message is one line saying what to do."""
+  """A workdir, checkpoint or image that cannot be used; its one-line message says what to do."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
