@@ -6,6 +6,7 @@ asynchronous; Orbax writes into a temporary folder and renames it when complete,
 save is never listed as a checkpoint.
 """
 
+import logging
 import os
 from typing import Any
 
@@ -14,6 +15,10 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxmodel.steps import TrainState
+
+# Checkpoints saved between evaluations have no metric by design; Orbax warns on each one.
+logging.getLogger('absl').addFilter(
+    lambda record: 'did not provide metrics' not in record.getMessage())
 
 
 def _arrays(state: TrainState) -> dict:
