@@ -107,6 +107,17 @@ def test_read_evaluations_keeps_the_last_record_of_a_step_up_to_a_step(tmp_path)
   assert [(r['step'], r['eval_accuracy']) for r in records] == [(16, 0.1), (32, 0.2)]
 
 
+def test_profile_steps_and_the_new_keys_are_validated():
+  assert config_lib.profile_range('10:20') == (10, 20)
+  assert config_lib.profile_range('20:10') is None and config_lib.profile_range('x') is None
+  for key, value in [('profile_steps', '5'), ('best_metric', 'f1'),
+                     ('early_stopping_patience', '-1'), ('keep_best_checkpoints', '-2')]:
+    config = config_lib.base_config()
+    config_lib.override(config, key, value)
+    with pytest.raises(config_lib.ConfigError, match=key):
+      config_lib.validate(config)
+
+
 # Best checkpoints: Orbax keeps the newest N and the best K at once.
 
 def test_manager_keeps_the_newest_and_the_best_by_metric(tmp_path):
