@@ -10,6 +10,7 @@ import difflib
 import importlib.resources
 import importlib.util
 import json
+import math
 import os
 import pathlib
 from typing import Any, Sequence
@@ -204,16 +205,71 @@ def profile_range(spec: str) -> tuple[int, int] | None:
   return (start, stop) if 0 <= start < stop else None
 
 
+# Keys whose values must be of one kind; a config file can set anything, overrides keep types.
+_INT_KEYS = ('seed', 'batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
+             'checkpoint_every_steps', 'keep_checkpoints', 'keep_best_checkpoints',
+             'early_stopping_patience', 'data.crop_padding', 'data.num_workers', 'data.prefetch')
+_NUMBER_KEYS = ('label_smoothing', 'optimizer.learning_rate', 'optimizer.momentum', 'optimizer.b1',
+                'optimizer.b2', 'optimizer.eps', 'optimizer.weight_decay',
+                'optimizer.grad_clip_norm', 'optimizer.warmup_fraction', 'optimizer.init_scale',
+                'optimizer.final_scale', 'early_stopping_min_delta')
+_BOOL_KEYS = ('download', 'data.flip', 'optimizer.nesterov', 'compilation_cache')
+
+
+def _lookup(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split('.'):
+    node = node[part]
+  return node
+
+
+def _check_types(config: ml_collections.ConfigDict) -> None:
+  kinds = ([(k, 'an int') for k in _INT_KEYS] + [(k, 'a finite number') for k in _NUMBER_KEYS]
+           + [(k, 'True or False') for k in _BOOL_KEYS])
+  for key, kind in kinds:
+    try:
+      value = _lookup(config, key)
+    except (KeyError, AttributeError):
+      continue  # a key this config does not have fails where it is read
+    is_bool = isinstance(value, bool)
+    ok = {'an int': isinstance(value, int) and not is_bool,
+          'a finite number': (isinstance(value, (int, float)) and not is_bool
+                              and math.isfinite(value)),
+          'True or False': is_bool}[kind]
+    if not ok:
+      raise ConfigError(f'config key {key!r} must be {kind}, not {value!r} '
+                        f'({type(value).__name__}); fix it with --config.{key}=VALUE')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Rejects values no run can use, before anything is built."""
+  """Rejects values no run can use (wrong type, out of range, contradictory) before any work."""
+  _check_types(config)
+  opt = config.optimizer
   checks = [
       (config.batch_size > 0, 'batch_size must be positive'),
       (config.eval_batch_size > 0, 'eval_batch_size must be positive'),
       (config.num_epochs > 0, 'num_epochs must be positive'),
-      (config.optimizer.learning_rate > 0, 'optimizer.learning_rate must be positive'),
-      (config.optimizer.weight_decay >= 0, 'optimizer.weight_decay must be >= 0'),
+      (opt.learning_rate > 0, 'optimizer.learning_rate must be positive'),
+      (opt.weight_decay >= 0, 'optimizer.weight_decay must be >= 0'),
       (0 <= config.label_smoothing < 1, 'label_smoothing must be in [0, 1)'),
-      (0 <= config.optimizer.warmup_fraction < 1, 'optimizer.warmup_fraction must be in [0, 1)'),
+      (0 <= opt.warmup_fraction < 1, 'optimizer.warmup_fraction must be in [0, 1)'),
+      (0 <= opt.momentum < 1, 'optimizer.momentum must be in [0, 1)'),
+      (0 <= opt.b1 < 1 and 0 <= opt.b2 < 1, 'optimizer.b1 and optimizer.b2 must be in [0, 1)'),
+      (opt.eps > 0, 'optimizer.eps must be positive'),
+      (opt.grad_clip_norm >= 0, 'optimizer.grad_clip_norm must be >= 0 (0 turns clipping off)'),
+      (0 <= opt.init_scale <= 1 and 0 <= opt.final_scale <= 1,
+       'optimizer.init_scale and optimizer.final_scale must be in [0, 1]'),
+      (opt.name in ('sgd', 'adam', 'adamw'), f"optimizer.name {opt.name!r} is not 'sgd', 'adam' "
+                                             f"or 'adamw'"),
+      (opt.schedule in ('constant', 'warmup_cosine', 'warmup_linear'),
+       f"optimizer.schedule {opt.schedule!r} is not 'constant', 'warmup_cosine' or "
+       f"'warmup_linear'"),
+      (config.loss in ('cross_entropy', 'mse'), f"loss {config.loss!r} is not 'cross_entropy' or "
+                                                f"'mse'"),
+      (not (config.loss == 'mse' and config.label_smoothing > 0),
+       'label_smoothing applies to the cross_entropy loss only: set it to 0 or use cross_entropy'),
+      (not (opt.nesterov and opt.name == 'sgd' and opt.momentum == 0),
+       'optimizer.nesterov needs optimizer.momentum > 0'),
       (config.log_every_steps > 0, 'log_every_steps must be positive'),
       (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be positive'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
@@ -224,6 +280,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.early_stopping_min_delta >= 0, 'early_stopping_min_delta must be >= 0'),
       (config.profile_steps == '' or profile_range(config.profile_steps) is not None,
        "profile_steps must be '' or 'A:B' with 0 <= A < B"),
+      (config.data.num_workers >= 0 and config.data.prefetch >= 0,
+       'data.num_workers and data.prefetch must be >= 0'),
+      (len(config.data.mean) == len(config.data.std) and all(s > 0 for s in config.data.std),
+       'data.mean and data.std need one value per channel, std > 0'),
   ]
   for ok, message in checks:
     if not ok:

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmodel import checkpoint, config as config_lib, data, metrics as metrics_lib, models, optim
+from jaxmodel import checkpoint, config as config_lib, data, faults, models, optim
+from jaxmodel import metrics as metrics_lib
 from jaxmodel import plots, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
 
@@ -47,20 +48,29 @@ def _flatten(tree: dict, prefix: str = '') -> dict:
   return out
 
 
-def check_resumable(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuses to resume a workdir trained with a config that differs in what it trains."""
+def check_resumable(workdir: str, config: ml_collections.ConfigDict, saved: dict | None = None,
+                    defer: tuple[str, ...] = ()) -> None:
+  """Refuses to resume a workdir trained with a config that differs in what it trains.
+
+  `saved` is the fingerprint stored with the checkpoint (default: WORKDIR/config.json). Keys
+  starting with a `defer` prefix are skipped, left for the restore to report by parameter shape.
+  """
   path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = _flatten(json.load(f))
+  if saved is None:
+    if not os.path.exists(path):
+      return
+    with open(path) as f:
+      saved = json.load(f)
+  old = _flatten(saved)
   new = _flatten(config_lib.fingerprint(config))
   changed = [k for k in sorted(old.keys() | new.keys())
-             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+             if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
+             and not k.startswith(defer)]
   if changed:
     key = changed[0]
     raise TrainError(f'{workdir} holds a run with a different config ({key}: {old.get(key)!r} '
-                     f'there, {new.get(key)!r} now); use a new --workdir or the same config')
+                     f'there, {new.get(key)!r} now); resume it with the same config, start fresh '
+                     f'with a new --workdir, or fine-tune from it with --config.init_from=WORKDIR')
 
 
 def evaluate(eval_fn, state: TrainState, batches: Iterable[dict]) -> dict:
@@ -80,19 +90,25 @@ def _mean_metrics(history: list[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns a summary."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preemption: faults.Preemption | None = None) -> dict:
+  """Trains `config` in `workdir` (resuming from its latest checkpoint) and returns a summary.
+
+  Once `preemption.requested` is set (by a signal), the step that runs is finished, a checkpoint
+  saved and faults.Preempted raised.
+  """
+  preemption = preemption or faults.Preemption()  # not installed: never requested
   wall_start = time.perf_counter()
   if config.compilation_cache:
     enable_compilation_cache()
   is_main = jax.process_index() == 0
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise TrainError(f'--workdir {workdir} is a file; pass a folder')
-  os.makedirs(workdir, exist_ok=True)
-  check_resumable(workdir, config)
-  if is_main:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config_lib.to_json(config))
+  unwritable = faults.check_writable(workdir)
+  if unwritable:
+    raise TrainError(unwritable)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
+                                    **checkpoint.best_options(config))
+  # Model changes are reported at restore, by the first parameter whose shape differs.
+  check_resumable(workdir, config, checkpoint.saved_fingerprint(manager), defer=('model.',))
 
   process_count = jax.process_count()
   if config.batch_size % process_count:
@@ -127,10 +143,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       eval_source, eval_preprocess, config.eval_batch_size,
       process_index=jax.process_index(), process_count=process_count)
 
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
-                                    **checkpoint.best_options(config))
+  fingerprint = config_lib.fingerprint(config)
   if manager.latest_step() is not None:
-    state = checkpoint.restore(manager, state, train_iter)
+    state = checkpoint.restore(manager, state, train_iter,
+                               check_config=lambda saved: check_resumable(workdir, config, saved))
     print(f'resumed from {workdir} at step {int(state.step)}', flush=True)
   elif config.init_from:
     params, model_state, fresh = trained.init_from(config.init_from, config, state.params,
@@ -142,6 +158,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
     state = state.replace(params=models.init_from_data(model, state.params, sample))
+  if is_main:  # only now: a refused resume leaves the old config.json alone
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config_lib.to_json(config))
 
   print(f'{config.model.name}: {models.count_params(state.params):,} params | '
         f'{config.dataset} {config.train_split} ({len(train_source)}) -> '
@@ -182,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history.append(step_metrics)
       end_of_epoch = step % steps_per_epoch == 0
       if step % config.log_every_steps == 0 or end_of_epoch or step == total_steps:
+        faults.check_finite(history, interval_step + 1)
         train_metrics = _mean_metrics(history)
         history = []
         seconds = time.perf_counter() - interval_start
@@ -207,15 +227,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                          f'{stopper.best:.4f} at step {stopper.best_step})')
       # Every evaluation is saved with its metrics when the best checkpoints are kept.
       if (step % config.checkpoint_every_steps == 0 or step == total_steps or stopper.should_stop
-          or (evaluated and config.keep_best_checkpoints)):
+          or (evaluated and config.keep_best_checkpoints) or preemption.requested):
+        faults.check_finite(history, interval_step + 1)  # never save a diverged state
+        faults.check_state_finite(state, step)
         # The iterator has yielded exactly `step` batches.
         checkpoint.save(manager, state, train_iter, metrics=(
-            {k: eval_metrics[k] for k in ('accuracy', 'loss')} if evaluated else None))
+            {k: eval_metrics[k] for k in ('accuracy', 'loss')} if evaluated else None),
+                        fingerprint=fingerprint)
+        if preemption.requested and step < total_steps and not stopper.should_stop:
+          checkpoint.wait(manager)
+          raise faults.Preempted(step)
       if step < total_steps and not stopper.should_stop:
         batch = next(train_iter)
+  except faults.NonFiniteError as e:
+    checkpoint.wait(manager)
+    raise faults.NonFiniteError(
+        f'{e}; the last good checkpoint is step {manager.latest_step()} in {workdir}; lower '
+        f'--config.optimizer.learning_rate or set --config.optimizer.grad_clip_norm and start '
+        f'fresh with a new --workdir (or fine-tune from it with --config.init_from={workdir})'
+    ) from None
   finally:
     profiler.stop()
-    manager.wait_until_finished()
+    checkpoint.wait(manager)
     progress.close()
     writer.close()
 
@@ -260,11 +293,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f'workdir {workdir} | config {spec}: ' + config_lib.summary(
         config, ['model.name', 'dataset', 'batch_size', 'num_epochs', 'optimizer.name',
                  'optimizer.learning_rate', 'optimizer.schedule']), flush=True)
-    train_and_evaluate(config, workdir)
-  except (config_lib.ConfigError, data.DataError, TrainError, ValueError) as e:
+    if not debug:
+      faults.hide_background_tracebacks()
+    # SIGTERM (preemption) or Ctrl-C: finish the step, save, exit 0; a second signal stops at once.
+    preemption = faults.Preemption().install()
+    try:
+      train_and_evaluate(config, workdir, preemption)
+    finally:
+      preemption.uninstall()
+  except faults.Preempted as e:
+    print(f'saved a checkpoint at step {e.step} in {workdir}; rerun the same command to resume',
+          flush=True)
+    return 0
+  except (config_lib.ConfigError, data.DataError, TrainError, checkpoint.CheckpointError,
+          faults.NonFiniteError, ValueError, OSError) as e:
     if debug:
       raise
-    print(f'error: {str(e).splitlines()[0] if str(e) else type(e).__name__}', file=sys.stderr)
+    message = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, OSError):  # disk full, read-only or vanished files while running
+      message = (f'{message}; free space or fix the workdir, then rerun the same command to '
+                 f'resume from the latest checkpoint')
+    print(f'error: {message}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:
     print('interrupted; rerun the same command to resume from the latest checkpoint',

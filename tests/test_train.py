@@ -2,29 +2,43 @@
 
 import json
 import os
+import re
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 
 import chex
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 STEPS_PER_EPOCH, EPOCHS = 16, 4  # 800 train images in batches of 50
 
 
-def _train(cifar_small, workdir, *extra, cache_home=None):
-  command = [
-      sys.executable, '-m', 'jaxmodel.train', '--config=cifar', f'--workdir={workdir}',
-      f'--config.dataset={cifar_small["name"]}', f'--config.data_dir={cifar_small["data_dir"]}',
+def _args(cifar_small, *extra):
+  return [
+      '--config=cifar', f'--config.dataset={cifar_small["name"]}',
+      f'--config.data_dir={cifar_small["data_dir"]}',
       '--config.train_split=train[:80%]', '--config.eval_split=train[80%:]',
       '--config.model.widths=(16, 32, 64)', '--config.batch_size=50',
       '--config.optimizer.learning_rate=0.2', f'--config.num_epochs={EPOCHS}',
       '--config.checkpoint_every_steps=16', '--config.keep_checkpoints=10', *extra]
+
+
+def _run(cifar_small, workdir, *extra, cache_home=None, **kwargs):
+  command = [sys.executable, '-m', 'jaxmodel.train', *_args(cifar_small, *extra),
+             f'--workdir={workdir}']
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
   if cache_home:
     env['XDG_CACHE_HOME'] = str(cache_home)
-  result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+  return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, **kwargs)
+
+
+def _train(cifar_small, workdir, *extra, cache_home=None):
+  result = _run(cifar_small, workdir, *extra, cache_home=cache_home)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
 
@@ -97,3 +111,101 @@ def test_resuming_with_another_config_is_refused(finished_run, cifar_small):
   assert result.returncode == 2
   assert 'holds a run with a different config' in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _copy_stopped_at_32(workdir, target):
+  """A copy of the finished run as if it had died after its step-32 checkpoint."""
+  shutil.copytree(workdir, target)
+  for step in ('48', '64'):
+    shutil.rmtree(os.path.join(target, 'checkpoints', step))
+  os.remove(os.path.join(target, 'summary.json'))
+  return str(target)
+
+
+def _complete_steps(workdir):
+  return sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')) if s.isdigit())
+
+
+def _error_line(result):
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  return result.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_saves_then_sigkills_in_and_out_of_saves_all_resume_to_the_same_model(
+    finished_run, cifar_small, tmp_path):
+  workdir, _ = finished_run
+  stopped = _copy_stopped_at_32(workdir, tmp_path / 'stopped')
+  command = [sys.executable, '-m', 'jaxmodel.train', *_args(cifar_small), f'--workdir={stopped}']
+  proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  for line in proc.stdout:  # the signal lands during training, between checkpoints
+    if line.startswith('compiled the train step'):
+      proc.send_signal(signal.SIGTERM)
+      break
+  stdout, stderr = proc.communicate(timeout=600)
+  assert proc.returncode == 0, stderr[-3000:]
+  saved = _complete_steps(stopped)[-1]
+  assert 32 < saved < 64  # not a checkpoint_every_steps multiple: saved because of the signal
+  assert stdout.strip().splitlines()[-1] == (
+      f'saved a checkpoint at step {saved} in {stopped}; rerun the same command to resume')
+
+  # The chaos harness, reduced: rerunning resumes at `saved`; then, checkpointing every 4 steps,
+  # a SIGKILL during a save and one at random, each resumed; the finished model is bitwise equal.
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
+  import chaos_resume
+  figures = chaos_resume.chaos(_args(cifar_small, '--config.checkpoint_every_steps=4'),
+                               str(tmp_path / 'chaos'), kills=2, seed=1, reference=workdir,
+                               start_from=stopped)
+  assert figures['problems'] == []
+  assert figures['kills'] == 2 and figures['kills_during_save'] >= 1
+  assert figures['rounds_bitwise_equal'] == figures['rounds'] == 1
+  assert figures['resumes_worked'] == figures['resumes'] == 3
+  assert figures['damaged_checkpoints_rejected'] == 0
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(cifar_small,
+                                                                               tmp_path):
+  workdir = str(tmp_path / 'diverged')
+  result = _run(cifar_small, workdir, '--config.optimizer.learning_rate=1e4',
+                '--config.checkpoint_every_steps=2', '--config.log_every_steps=100')
+  assert result.returncode == 2
+  line = _error_line(result)
+  bad_step = int(re.search(r' is -?(?:nan|inf) at step (\d+)', line).group(1))
+  good = _complete_steps(workdir)
+  assert good and good[-1] < bad_step
+  assert f'the last good checkpoint is step {good[-1]}' in line
+  arrays = _final_arrays(workdir, good[-1])
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(arrays)
+             if np.issubdtype(np.asarray(x).dtype, np.floating))
+
+
+def test_resuming_another_model_names_the_parameter_and_changes_nothing(finished_run,
+                                                                        cifar_small):
+  workdir, _ = finished_run
+  config_before = open(os.path.join(workdir, 'config.json')).read()
+  result = _run(cifar_small, workdir, '--config.model.widths=(8, 16, 32)')
+  assert result.returncode == 2
+  line = _error_line(result)
+  assert re.search(r'\(params/\S+: \([\d, ]+\) in the checkpoint, \([\d, ]+\) now\)', line), line
+  assert 'new --workdir' in line and '--config.init_from=WORKDIR' in line
+  assert open(os.path.join(workdir, 'config.json')).read() == config_before
+  assert _complete_steps(workdir) == [16, 32, 48, 64]
+
+
+def _limit_file_size():
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+  resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+def test_a_full_disk_while_saving_stops_cleanly_and_keeps_the_previous_checkpoint(
+    finished_run, cifar_small, tmp_path):
+  workdir, _ = finished_run
+  stopped = _copy_stopped_at_32(workdir, tmp_path / 'full')
+  # Checkpoint files are ~500 KB; a 64 KB file-size limit fails the step-48 save.
+  result = _run(cifar_small, stopped, preexec_fn=_limit_file_size)
+  assert result.returncode == 2
+  line = _error_line(result)
+  assert line.startswith(f'error: saving a checkpoint in {stopped}/checkpoints failed (File too '
+                         f'large); the newest complete one (step 32) is intact')
+  assert _complete_steps(stopped) == [16, 32]
+  chex.assert_trees_all_equal(_final_arrays(stopped, 32), _final_arrays(workdir, 32))
