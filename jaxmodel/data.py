@@ -9,7 +9,7 @@ Eval: every example exactly once, the last batch padded and masked.
 
 import dataclasses
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import flags
 import grain
@@ -116,10 +116,11 @@ def preprocess_from_config(config: Any, train: bool) -> Preprocess:
 
 def train_dataset(source: Any, preprocess: Preprocess, batch_size: int, *, seed: int,
                   process_index: int = 0, process_count: int = 1, num_threads: int = 2,
-                  prefetch: int = 4, num_workers: int = 0) -> grain.IterDataset:
+                  prefetch: int = 4, num_workers: int = 0,
+                  decode: Callable[[dict], dict] = _image_and_label) -> grain.IterDataset:
   """An endless dataset of this process's train batches, reshuffled each epoch.
 
-  `batch_size` is the per-process batch. Each epoch drops the last incomplete batch, so an epoch
+  `batch_size` is the per-process batch; `decode` turns a source example into arrays. Each epoch drops the last incomplete batch, so an epoch
   is exactly `len(source) // process_count // batch_size` batches.
   """
   # Equal shards, so every process runs the same number of steps per epoch.
@@ -128,7 +129,7 @@ def train_dataset(source: Any, preprocess: Preprocess, batch_size: int, *, seed:
   if len(shard) < batch_size:
     raise DataError(f'the train split has {len(shard)} examples per process, fewer than one batch '
                     f'of {batch_size}; lower --config.batch_size or widen --config.train_split')
-  ds = (shard.shuffle(seed=seed).map(_image_and_label).batch(batch_size, drop_remainder=True)
+  ds = (shard.shuffle(seed=seed).map(decode).batch(batch_size, drop_remainder=True)
         .random_map(preprocess.train, seed=seed).repeat(None))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if num_workers > 0:
@@ -140,13 +141,14 @@ def train_dataset(source: Any, preprocess: Preprocess, batch_size: int, *, seed:
 
 
 def eval_batches(source: Any, preprocess: Preprocess, batch_size: int, *, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict]:
+                 process_count: int = 1,
+                 decode: Callable[[dict], dict] = _image_and_label) -> Iterator[dict]:
   """This process's share of `source` in batches of exactly `batch_size`, with a 'mask'.
 
   The last batch is padded by repeating its first example, with mask 0 on the padding.
   """
   shard = grain.MapDataset.source(source)[process_index::process_count]
-  ds = shard.map(_image_and_label).batch(batch_size, drop_remainder=False).map(preprocess.eval)
+  ds = shard.map(decode).batch(batch_size, drop_remainder=False).map(preprocess.eval)
   for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)):
     n = len(batch['label'])
     pad = batch_size - n

@@ -16,23 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodel import ops
+from jaxmodel.transformer import GPT, ViT
 
 # Every model's convolutions: XLA's on GPU/TPU, a faster weight gradient on CPU (see ops.py).
 Conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_general_dilated)
 
 
 class SeedCNN(nn.Module):
-  """The PyTorch CIFAR-10 tutorial net: conv 3->6 k5, pool, conv 6->16 k5, pool, fc 400-120-84."""
+  """The PyTorch CIFAR-10 tutorial net: conv 3->6 k5, pool, conv 6->16 k5, pool, fc 400-120-84.
+
+  `dropout` (0 in the tutorial) applies after each hidden fully connected layer.
+  """
   num_classes: int = 10
+  dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    del train
+    drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
     x = nn.max_pool(nn.relu(Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
     x = nn.max_pool(nn.relu(Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
-    x = nn.relu(nn.Dense(120)(x))
-    x = nn.relu(nn.Dense(84)(x))
+    x = drop(nn.relu(nn.Dense(120)(x)))
+    x = drop(nn.relu(nn.Dense(84)(x)))
     return nn.Dense(self.num_classes)(x)
 
 
@@ -71,7 +76,8 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """A CIFAR ResNet (3x3 stem, no stem pooling): stage_sizes (2, 2, 2, 2) is ResNet-18."""
+  """A CIFAR ResNet (3x3 stem, no stem pooling): stage_sizes (2, 2, 2, 2) is ResNet-18,
+  (3, 4, 6, 3) ResNet-34."""
   num_classes: int = 10
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
@@ -170,6 +176,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'mlp': MLP,
     'resnet': ResNet,
     'airbench': Airbench,
+    'vit': ViT,
+    'gpt': GPT,  # token ids in, per-token logits out: trains on text datasets (jaxmodel.text)
 }
 
 

@@ -3,7 +3,9 @@
 `train_step(state, batch) -> (state, metrics)` and `eval_step(state, batch) -> metrics` are pure:
 everything they depend on is in their arguments, so they jit once and compose (vmap, scan, shard).
 A batch is a dict: 'image' float (B, H, W, C), 'label' int (B,) and, for eval, 'mask' (B,) with 0
-on padding examples.
+on padding examples. A language model's batch has 'tokens' int (B, T) in place of 'image' and
+'label' int (B, T), the next token at each position: losses and accuracy then average over
+positions too, and the mask covers whole sequences.
 """
 
 import functools
@@ -53,6 +55,11 @@ def get_loss(name: str, label_smoothing: float = 0.0) -> Callable:
   raise ValueError(f"unknown loss {name!r}; choose 'cross_entropy' or 'mse'")
 
 
+def model_inputs(batch: dict):
+  """What the model reads from `batch`: images, or token ids for a language model."""
+  return batch['image'] if 'image' in batch else batch['tokens']
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_images,
                        rng: jax.Array, loss_fn: Callable = cross_entropy_loss) -> TrainState:
   """Initializes the model on `example_images` and the optimizer on its params."""
@@ -70,7 +77,7 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
   def loss_and_updates(params):
     logits, model_state = state.apply_fn(
-        {'params': params, **state.model_state}, batch['image'], train=True,
+        {'params': params, **state.model_state}, model_inputs(batch), train=True,
         rngs={'dropout': dropout_rng}, mutable=list(state.model_state))
     return jnp.mean(state.loss_fn(logits, batch['label'])), (logits, model_state)
 
@@ -89,8 +96,10 @@ def eval_step(state: TrainState, batch: dict) -> dict:
 
   Sums (not means) let a caller add batches up so every example counts exactly once.
   """
-  logits = state.apply_fn(state.variables(), batch['image'], train=False)
-  mask = batch['mask'].astype(jnp.float32)
+  logits = state.apply_fn(state.variables(), model_inputs(batch), train=False)
+  # A sequence's mask covers each of its positions: count and sum over (B,) or (B, T).
+  mask = batch['mask'].reshape(batch['mask'].shape + (1,) * (batch['label'].ndim - 1))
+  mask = jnp.broadcast_to(mask, batch['label'].shape).astype(jnp.float32)
   correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
   return {'loss_sum': jnp.sum(state.loss_fn(logits, batch['label']) * mask),
           'correct': jnp.sum(correct * mask), 'count': jnp.sum(mask)}

@@ -16,7 +16,7 @@ import numpy as np
 
 from jaxmodel import checkpoint, config as config_lib, data, faults, models, optim
 from jaxmodel import metrics as metrics_lib
-from jaxmodel import plots, trained
+from jaxmodel import plots, text, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
 
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -118,30 +118,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   train_source, info = data.open_split(config.dataset, config.train_split, config.data_dir,
                                        config.download)
   eval_source, _ = data.open_split(config.dataset, config.eval_split, config.data_dir)
+  vocab = None
+  if text.is_text(info):  # character-level language modelling on windows of block_size
+    train_source, eval_source, vocab = text.char_windows(train_source, eval_source, info,
+                                                         config.model.get('block_size', 128))
+    if is_main:
+      text.save_vocabulary(workdir, vocab)
   steps_per_epoch = data.steps_per_epoch(len(train_source), local_batch, process_count)
   if steps_per_epoch == 0:
     raise TrainError(f'{config.train_split} has {len(train_source)} examples, fewer than one '
                      f'batch of {config.batch_size}; lower --config.batch_size')
   total_steps = steps_per_epoch * config.num_epochs
 
-  num_classes = info.features['label'].num_classes
   model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-  model = models.get_model(config.model.name, num_classes=num_classes, **model_kwargs)
+  if vocab:
+    model_kwargs['vocab_size'] = len(vocab)
+  else:
+    model_kwargs['num_classes'] = info.features['label'].num_classes
+  model = models.get_model(config.model.name, **model_kwargs)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   loss_fn = get_loss(config.loss, config.label_smoothing)
-  image_shape = info.features['image'].shape
   rng = jax.random.PRNGKey(config.seed)
-  state = create_train_state(model, tx, jnp.zeros((local_batch, *image_shape)), rng, loss_fn)
+  if vocab:
+    example = jnp.zeros((local_batch, train_source.block_size), jnp.int32)
+    train_preprocess = eval_preprocess = text.Tokens()
+    decode = {'decode': text.as_arrays}
+  else:
+    example = jnp.zeros((local_batch, *info.features['image'].shape))
+    train_preprocess = data.preprocess_from_config(config, train=True)
+    eval_preprocess = data.preprocess_from_config(config, train=False)
+    decode = {}
+  state = create_train_state(model, tx, example, rng, loss_fn)
 
-  train_preprocess = data.preprocess_from_config(config, train=True)
-  eval_preprocess = data.preprocess_from_config(config, train=False)
   train_iter = iter(data.train_dataset(
       train_source, train_preprocess, local_batch, seed=config.seed,
       process_index=jax.process_index(), process_count=process_count,
-      prefetch=config.data.prefetch, num_workers=config.data.num_workers))
+      prefetch=config.data.prefetch, num_workers=config.data.num_workers, **decode))
   eval_batches = lambda: data.eval_batches(
       eval_source, eval_preprocess, config.eval_batch_size,
-      process_index=jax.process_index(), process_count=process_count)
+      process_index=jax.process_index(), process_count=process_count, **decode)
 
   fingerprint = config_lib.fingerprint(config)
   if manager.latest_step() is not None:
@@ -261,6 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'compile_seconds': compile_seconds, 'flops_per_step': flops_per_step,
       'stopped_early': stopper.should_stop, 'best_step': stopper.best_step,
   }
+  if vocab:  # per character: positions are the examples of a language model
+    summary['eval_bits_per_character'] = eval_metrics['loss'] / np.log(2)
+    if summary['train_images_per_second']:
+      summary['train_tokens_per_second'] = summary['train_images_per_second'] * example.shape[1]
   if summary['train_images_per_second'] and flops_per_step:
     achieved = flops_per_step * summary['train_images_per_second'] / local_batch
     peak = metrics_lib.measure_matmul_flops()
@@ -274,6 +293,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'final validation accuracy {summary["eval_accuracy"]:.4f} '
           f'({summary["eval_examples"]} examples) | wall time {summary["wall_seconds"]:.0f} s | '
           + (f'{rate:.0f} images/s' if rate else 'no steps left to train'), flush=True)
+    if vocab:
+      print(f'validation loss {summary["eval_loss"]:.4f} nats = '
+            f'{summary["eval_bits_per_character"]:.3f} bits per character', flush=True)
     if 'model_flops_utilization' in summary:
       print(f'model FLOPs utilization {summary["model_flops_utilization"]:.0%}: '
             f'{summary["train_flops_per_second"] / 1e9:.1f} GFLOP/s (XLA cost analysis) of a '
