@@ -1,6 +1,6 @@
 """The seed's regularizers, each switched by a config key: dropout (model.dropout), weight decay
 (optimizer.weight_decay), data augmentation (data.crop_padding, data.flip) and label smoothing
-(label_smoothing). Early stopping is the lifecycle issue's (#6)."""
+(label_smoothing). Early stopping (early_stopping_patience) is tested in test_lifecycle.py."""
 
 import jax
 import jax.numpy as jnp
