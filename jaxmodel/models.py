@@ -60,15 +60,18 @@ class ResidualBlock(nn.Module):
   """The ResNet basic block: two 3x3 convs with BatchNorm and an identity or 1x1 shortcut."""
   width: int
   stride: int = 1
+  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
-    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
+    norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                                axis_name=self.norm_axis_name)
     y = Conv(self.width, (3, 3), (self.stride, self.stride), use_bias=False)(x)
     y = nn.relu(norm()(y))
     y = Conv(self.width, (3, 3), use_bias=False)(y)
     # Zero-init of the last BatchNorm scale makes each block start as the identity.
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros)(y)
+    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, scale_init=nn.initializers.zeros,
+                     axis_name=self.norm_axis_name)(y)
     if x.shape != y.shape:
       x = Conv(self.width, (1, 1), (self.stride, self.stride), use_bias=False)(x)
       x = norm()(x)
@@ -82,15 +85,18 @@ class ResNet(nn.Module):
   stage_sizes: Sequence[int] = (2, 2, 2, 2)
   width: int = 64
   dropout: float = 0.0
+  # A mapped axis (shard_map) over which BatchNorm averages its batch statistics; None: local.
+  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     x = Conv(self.width, (3, 3), use_bias=False)(x)
-    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(x))
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                             axis_name=self.norm_axis_name)(x))
     for stage, num_blocks in enumerate(self.stage_sizes):
       for block in range(num_blocks):
         stride = 2 if stage > 0 and block == 0 else 1
-        x = ResidualBlock(self.width * 2**stage, stride)(x, train)
+        x = ResidualBlock(self.width * 2**stage, stride, self.norm_axis_name)(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     return nn.Dense(self.num_classes)(x)
@@ -110,12 +116,13 @@ def dirac_init(base: Callable = nn.initializers.lecun_normal()) -> Callable:
 class ConvGroup(nn.Module):
   """airbench's group: conv, maxpool 2, BatchNorm, GELU, conv, BatchNorm, GELU."""
   width: int
+  norm_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x, train: bool):
     # Frozen scale (use_scale=False), tiny eps and fast statistics follow the airbench recipe.
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.6, epsilon=1e-12,
-                                use_scale=False)
+                                use_scale=False, axis_name=self.norm_axis_name)
     x = Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
     x = nn.max_pool(x, (2, 2), (2, 2))
     x = nn.gelu(norm()(x))
@@ -134,13 +141,14 @@ class Airbench(nn.Module):
   whiten_width: int = 24
   whiten_stride: int = 1  # 2 makes the stem a lossless-ish space-to-depth: 4x fewer FLOPs after it
   head_scale: float = 1 / 9
+  norm_axis_name: str | None = None  # as in ResNet
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     stride = (self.whiten_stride, self.whiten_stride)
     x = nn.gelu(Conv(self.whiten_width, (2, 2), stride, padding='VALID', name='whiten')(x))
     for width in self.widths:
-      x = ConvGroup(width)(x, train)
+      x = ConvGroup(width, self.norm_axis_name)(x, train)
     x = jnp.max(x, axis=(1, 2))
     return nn.Dense(self.num_classes, use_bias=False)(x) * self.head_scale
 

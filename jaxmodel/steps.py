@@ -71,9 +71,16 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, examp
                     loss_fn=loss_fn)
 
 
-def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-  """One optimizer step on `batch`; returns the new state and the batch's mean loss/accuracy."""
+def train_step(state: TrainState, batch: dict, axis_name: str | None = None
+               ) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch`; returns the new state and the batch's mean loss/accuracy.
+
+  Under shard_map, `axis_name` names the device axis the batch is split over: gradients and
+  metrics are averaged over it (BatchNorm statistics too, by the model's `norm_axis_name`).
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
+  if axis_name is not None:  # each device drops out different units
+    dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
 
   def loss_and_updates(params):
     logits, model_state = state.apply_fn(
@@ -83,10 +90,13 @@ def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
 
   (loss, (logits, model_state)), grads = jax.value_and_grad(loss_and_updates, has_aux=True)(
       state.params)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == batch['label'])
+  if axis_name is not None:
+    grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                             model_state=dict(model_state), opt_state=opt_state)
-  metrics = {'loss': loss, 'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+  metrics = {'loss': loss, 'accuracy': accuracy,
              'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics
 
