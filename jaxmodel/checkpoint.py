@@ -180,6 +180,12 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return target
 
 
+def _has_iterator_state(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether this process's Grain position was saved (not if the process count changed)."""
+  name = f'process_{jax.process_index()}-of-{jax.process_count()}.json'  # Grain's file naming
+  return os.path.exists(os.path.join(str(manager.directory), str(step), 'data', name))
+
+
 def restore(manager: ocp.CheckpointManager, state: TrainState, data_iterator: Any = None,
             step: int | None = None,
             check_config: Callable[[dict | None], None] | None = None) -> TrainState:
@@ -211,8 +217,11 @@ def restore(manager: ocp.CheckpointManager, state: TrainState, data_iterator: An
       if check_config:
         check_config(run.get('config'))
       items = {'state': ocp.args.StandardRestore(template)}
-      if data_iterator is not None:
+      if data_iterator is not None and _has_iterator_state(manager, candidate):
         items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+      elif data_iterator is not None:
+        print(f'checkpoint {candidate} holds no data position for {jax.process_count()} '
+              f'process(es); the data order starts over', flush=True)
       try:
         arrays = manager.restore(candidate, args=ocp.args.Composite(**items))['state']
         error = None

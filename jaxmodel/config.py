@@ -71,6 +71,20 @@ def base_config() -> ml_collections.ConfigDict:
   # ((regex on 'path/to/param', multiplier), ...): scales those params' learning rate; 0 freezes.
   config.optimizer.lr_multipliers = ()
 
+  # Scale-out (jaxmodel/parallel.py): the devices of every process form one mesh; the global
+  # batch splits over data x fsdp, kernels' input features over fsdp and output features over tensor.
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.strategy = 'jit'  # 'jit' (sharded jax.jit) or 'shard_map' (pmap style, data only)
+  config.parallel.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the rest
+  # Several processes (hosts): jax.distributed.initialize. 'auto' starts it when a coordinator is
+  # given (here or $JAX_COORDINATOR_ADDRESS) or under SLURM with several tasks; 'always' (TPU pod
+  # slices, other clusters JAX detects) or 'never'. Unset values come from the environment.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = 'auto'
+  config.distributed.coordinator_address = config_dict.placeholder(str)  # host:port of process 0
+  config.distributed.num_processes = config_dict.placeholder(int)
+  config.distributed.process_id = config_dict.placeholder(int)
+
   config.compilation_cache = True  # JAX's persistent compile cache in ~/.cache/jaxmodel/xla
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # and at the end of training

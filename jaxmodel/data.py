@@ -145,16 +145,23 @@ def eval_batches(source: Any, preprocess: Preprocess, batch_size: int, *, proces
                  decode: Callable[[dict], dict] = _image_and_label) -> Iterator[dict]:
   """This process's share of `source` in batches of exactly `batch_size`, with a 'mask'.
 
-  The last batch is padded by repeating its first example, with mask 0 on the padding.
+  The last batch is padded by repeating its first example, with mask 0 on the padding. Every
+  process yields the same number of batches (a fully masked one where its share is shorter), as
+  a step over a multi-process array needs all processes.
   """
   shard = grain.MapDataset.source(source)[process_index::process_count]
   ds = shard.map(decode).batch(batch_size, drop_remainder=False).map(preprocess.eval)
+  largest_share = -(-len(source) // process_count)
+  num_batches = -(-largest_share // batch_size)
   for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)):
     n = len(batch['label'])
     pad = batch_size - n
     batch = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in batch.items()}
     batch['mask'] = np.arange(batch_size) < n
+    num_batches -= 1
     yield batch
+  for _ in range(num_batches):
+    yield {**batch, 'mask': np.zeros(batch_size, bool)}
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, process_count: int = 1) -> int:

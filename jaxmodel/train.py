@@ -16,13 +16,17 @@ import numpy as np
 
 from jaxmodel import checkpoint, config as config_lib, data, faults, models, optim
 from jaxmodel import metrics as metrics_lib
-from jaxmodel import plots, text, trained
+from jaxmodel import parallel, plots, text, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
 
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
                      'eval_batch_size', 'data.num_workers', 'data.prefetch', 'data_dir',
-                     'compilation_cache', 'keep_best_checkpoints', 'profile_steps')
+                     'compilation_cache', 'keep_best_checkpoints', 'profile_steps',
+                     'parallel.strategy', 'parallel.mesh.data',
+                     'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
+                     'distributed.coordinator_address', 'distributed.num_processes',
+                     'distributed.process_id')
 
 
 def enable_compilation_cache() -> str:
@@ -101,6 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   wall_start = time.perf_counter()
   if config.compilation_cache:
     enable_compilation_cache()
+  parallel.initialize_distributed(config.distributed)  # before anything touches the devices
   is_main = jax.process_index() == 0
   unwritable = faults.check_writable(workdir)
   if unwritable:
@@ -111,9 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   check_resumable(workdir, config, checkpoint.saved_fingerprint(manager), defer=('model.',))
 
   process_count = jax.process_count()
-  if config.batch_size % process_count:
-    raise TrainError(f'batch_size {config.batch_size} does not divide across {process_count} '
-                     f'processes; pick a multiple of {process_count}')
+  mesh = parallel.make_mesh(config.parallel.mesh)
+  parallel.check_strategy(config.parallel.strategy, mesh)
+  parallel.check_batch_size(config.batch_size, mesh)
   local_batch = config.batch_size // process_count
   train_source, info = data.open_split(config.dataset, config.train_split, config.data_dir,
                                        config.download)
@@ -135,7 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     model_kwargs['vocab_size'] = len(vocab)
   else:
     model_kwargs['num_classes'] = info.features['label'].num_classes
-  model = models.get_model(config.model.name, **model_kwargs)
+  model = parallel.prepare_model(models.get_model(config.model.name, **model_kwargs),
+                                 config.parallel.strategy)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   loss_fn = get_loss(config.loss, config.label_smoothing)
   rng = jax.random.PRNGKey(config.seed)
@@ -148,7 +154,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_preprocess = data.preprocess_from_config(config, train=True)
     eval_preprocess = data.preprocess_from_config(config, train=False)
     decode = {}
-  state = create_train_state(model, tx, example, rng, loss_fn)
+  state = parallel.create_state(
+      lambda: create_train_state(model, tx, example, rng, loss_fn), mesh)
 
   train_iter = iter(data.train_dataset(
       train_source, train_preprocess, local_batch, seed=config.seed,
@@ -176,18 +183,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if is_main:  # only now: a refused resume leaves the old config.json alone
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(config))
+  state = parallel.put(state, parallel.state_shardings(state, mesh))  # e.g. a host-computed init
 
   print(f'{config.model.name}: {models.count_params(state.params):,} params | '
         f'{config.dataset} {config.train_split} ({len(train_source)}) -> '
         f'{config.eval_split} ({len(eval_source)}) | batch {config.batch_size} | '
-        f'{steps_per_epoch} steps/epoch x {config.num_epochs} epochs | {jax.devices()[0].platform}',
-        flush=True)
+        f'{steps_per_epoch} steps/epoch x {config.num_epochs} epochs | '
+        f'{parallel.describe(mesh, config.parallel.strategy)}', flush=True)
 
   step = int(state.step)
   batch = next(train_iter)
   compile_start = time.perf_counter()
-  train_fn = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
-  eval_fn = jax.jit(eval_step)
+  train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   print(f'compiled the train step in {compile_seconds:.1f} s '

@@ -98,6 +98,15 @@ def test_eval_batches_count_every_example_once_with_a_padded_last_batch():
   assert masks.sum() == 23
 
 
+def test_eval_batches_give_every_process_as_many_batches():
+  # 21 examples over 2 processes in batches of 5: shares of 11 and 10, but 3 batches each.
+  shares = [list(data.eval_batches(ArraySource(21), PLAIN, 5, process_index=i, process_count=2))
+            for i in range(2)]
+  assert [len(batches) for batches in shares] == [3, 3]
+  assert [sum(int(b['mask'].sum()) for b in batches) for batches in shares] == [11, 10]
+  assert not shares[1][-1]['mask'].any()
+
+
 def test_too_small_a_split_is_a_clear_error():
   with pytest.raises(data.DataError, match='fewer than one batch of 16'):
     data.train_dataset(ArraySource(10), PLAIN, 16, seed=0)
