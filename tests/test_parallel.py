@@ -5,6 +5,7 @@ device, so the runs happen in subprocesses (tests/parallel_worker.py) with 8 fak
 as 2 processes x 4 devices joined over 127.0.0.1 (gloo collectives).
 """
 
+import json
 import os
 import pathlib
 import socket
@@ -71,7 +72,6 @@ def test_strategies_match_one_device(runs, name):
 
 
 def test_fsdp_and_tensor_shard_the_kernels(runs):
-  import json
   layouts = json.load(open(os.path.join(runs, 'layouts.json')))
   # A (3, 3, 8, 8) conv kernel: input channels over fsdp, output channels over tensor.
   assert layouts['jit_fsdp']['shard_shape'] == [3, 3, 1, 8]
@@ -111,6 +111,13 @@ def test_batch_size_must_split_across_batch_shards():
   parallel.check_batch_size(16, mesh)
 
 
+def test_strategy_errors_name_the_fix():
+  with pytest.raises(parallel.ParallelError, match='shard_map is data parallel only'):
+    parallel.check_strategy('shard_map', jax.sharding.AbstractMesh((4, 1, 2), parallel.MESH_AXES))
+  with pytest.raises(parallel.ParallelError, match="unknown parallel.strategy 'pmap'"):
+    parallel.check_strategy('pmap', jax.sharding.AbstractMesh((8, 1, 1), parallel.MESH_AXES))
+
+
 def test_partition_specs_follow_the_rules():
   mesh = jax.sharding.AbstractMesh((1, 2, 4), parallel.MESH_AXES)
   key = jax.tree_util.DictKey
@@ -120,3 +127,22 @@ def test_partition_specs_follow_the_rules():
   assert spec('kernel', (64, 10)) == jax.P('fsdp', None)  # 10 classes do not split over 4
   assert spec('mean', (32,)) == jax.P('tensor')
   assert spec('count', ()) == jax.P()
+
+
+@pytest.mark.parametrize('devices, overrides, message', [
+    (1, ['--config.parallel.mesh.data=3'],
+     'parallel.mesh data=3 x fsdp=1 x tensor=1 needs 3 devices but 1 are here'),
+    (8, ['--config.batch_size=12'],
+     'batch_size 12 does not divide across 1 processes and 8 batch shards'),
+    (8, ['--config.parallel.mesh.data=2', '--config.parallel.mesh.fsdp=2',
+         '--config.parallel.mesh.tensor=2'], 'data, fsdp and tensor all > 1'),
+])
+def test_cli_refuses_a_mesh_or_batch_that_does_not_fit(tmp_path, devices, overrides, message):
+  result = subprocess.run(
+      [sys.executable, '-m', 'jaxmodel.train', '--config=cifar', f'--workdir={tmp_path}',
+       *overrides], capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu',
+           'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})
+  assert result.returncode == 2
+  assert message in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
