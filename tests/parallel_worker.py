@@ -64,8 +64,9 @@ def train(state, mesh, strategy, global_batches):
 
 def save_arrays(out, name, state):
   """Writes params and batch_stats (gathered from every process) as OUT/NAME.npz on process 0."""
-  tree = multihost_utils.process_allgather({'params': state.params, **state.model_state},
-                                           tiled=True)
+  tree = {'params': state.params, **state.model_state}
+  if jax.process_count() > 1:  # (one process holds every shard: no gather to compile)
+    tree = multihost_utils.process_allgather(tree, tiled=True)
   flat = {jax.tree_util.keystr(path): np.asarray(leaf)
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
   if jax.process_index() == 0:
@@ -109,8 +110,9 @@ def single(out):
 
 
 def two(out, port, process_id):
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                             process_id=process_id)
+  assert parallel.initialize_distributed(ml_collections.ConfigDict({
+      'initialize': 'auto', 'coordinator_address': f'127.0.0.1:{port}', 'num_processes': 2,
+      'process_id': process_id}))
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   mesh = mesh_of(2, 4, 1)  # batch over both processes; params sharded across them (fsdp 4)
   state = train(new_state(mesh), mesh, 'jit', batches(0, K))
