@@ -225,7 +225,8 @@ def restore(manager: ocp.CheckpointManager, state: TrainState, data_iterator: An
       try:
         arrays = manager.restore(candidate, args=ocp.args.Composite(**items))['state']
         error = None
-        if run.get('sha256') and digest(arrays) != run['sha256']:
+        restored_digest = digest(arrays)  # None where this process holds only some shards
+        if run.get('sha256') and restored_digest and restored_digest != run['sha256']:
           error = ValueError('its arrays do not match the digest saved with them')
       except Exception as e:
         error = e
@@ -234,9 +235,10 @@ def restore(manager: ocp.CheckpointManager, state: TrainState, data_iterator: An
     if step is not None:
       raise CheckpointError(f'checkpoint {candidate} in {manager.directory} cannot be read '
                             f'({str(error).splitlines()[0][:200]})')
-    moved = _move_aside(manager, candidate)
-    print(f'warning: checkpoint {candidate} is damaged ({str(error).splitlines()[0][:200]}); '
-          f'moved it to {moved}, falling back to the previous checkpoint', file=sys.stderr,
-          flush=True)
+    if jax.process_index() == 0:  # one process moves it; every process falls back alike
+      moved = _move_aside(manager, candidate)
+      print(f'warning: checkpoint {candidate} is damaged ({str(error).splitlines()[0][:200]}); '
+            f'moved it to {moved}, falling back to the previous checkpoint', file=sys.stderr,
+            flush=True)
   raise CheckpointError(f'no readable checkpoint left in {manager.directory} (damaged ones are in '
                         f'corrupt_checkpoints/); rerun the same command to start from scratch')
