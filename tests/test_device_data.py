@@ -1,0 +1,86 @@
+"""Device-resident data: batches are pure functions of the step, epochs are permutations."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxmodel import device_data
+
+N, BATCH = 40, 8
+
+
+def _arrays(n=N):
+  # Example i has every pixel equal to i and a left half brighter than its right half.
+  images = np.zeros((n, 4, 4, 1), np.uint8) + np.arange(n, dtype=np.uint8)[:, None, None, None]
+  images[:, :, :2] += 100
+  return {'image': jnp.asarray(images), 'label': jnp.arange(n, dtype=jnp.int32)}
+
+
+def _batches(batches, arrays, steps):
+  batch = jax.jit(batches.batch)
+  out = []
+  for step in steps:
+    permutation = batches.permutation(step // batches.steps_per_epoch)
+    out.append(jax.device_get(batch(arrays, permutation, jnp.int32(step))))
+  return out
+
+
+IDENTITY = device_data.Augment(mean=(0.0,), std=(1 / 255,))
+
+
+def test_each_epoch_is_a_fresh_permutation_of_the_split():
+  batches = device_data.TrainBatches(N, BATCH, seed=0, augment=IDENTITY)
+  out = _batches(batches, _arrays(), range(10))
+  epoch1 = np.concatenate([b['label'] for b in out[:5]])
+  epoch2 = np.concatenate([b['label'] for b in out[5:]])
+  assert sorted(epoch1) == sorted(epoch2) == list(range(N))
+  assert not np.array_equal(epoch1, epoch2)
+  for b in out:  # images travel with their labels
+    chex.assert_trees_all_equal(b['image'][:, 0, 3, 0], b['label'].astype(np.float32))
+
+
+def test_a_batch_depends_only_on_seed_and_step():
+  arrays = _arrays()
+  batches = device_data.TrainBatches(N, BATCH, seed=3, augment=IDENTITY)
+  run = _batches(batches, arrays, range(12))
+  resumed = _batches(batches, arrays, range(7, 12))  # as a run resumed at step 7 would ask
+  chex.assert_trees_all_equal(run[7:], resumed)
+  other = _batches(device_data.TrainBatches(N, BATCH, seed=4, augment=IDENTITY), arrays, range(5))
+  assert not all(np.array_equal(a['label'], b['label']) for a, b in zip(run, other))
+
+
+def test_crop_translates_within_the_padding_and_normalizes():
+  augment = device_data.Augment(mean=(0.5,), std=(0.25,), crop_padding=1, pad_mode='reflect')
+  images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, 6, 6, 1), np.uint8))
+  out = augment(images, jnp.arange(16), jnp.int32(0), jnp.int32(0), jax.random.key(0))
+  chex.assert_shape(out, (16, 6, 6, 1))
+  raw = np.asarray(out) * 0.25 * 255 + 0.5 * 255
+  padded = np.pad(np.asarray(images), ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  for i in range(16):  # each output is one of the 9 crops of its reflect-padded image
+    crops = [padded[i, dy:dy + 6, dx:dx + 6] for dy in range(3) for dx in range(3)]
+    assert any(np.allclose(raw[i], c, atol=1e-3) for c in crops)
+  assert len({tuple(np.round(raw[i, 0, :, 0])) for i in range(16)}) > 1
+
+
+def test_alternating_flip_inverts_each_example_every_other_epoch():
+  augment = device_data.Augment(mean=(0.0,), std=(1 / 255,), flip=True, alternating_flip=True)
+  batches = device_data.TrainBatches(N, BATCH, seed=0, augment=augment)
+  out = _batches(batches, _arrays(), range(15))  # three epochs
+  flipped = {}
+  for step, b in enumerate(out):
+    for label, image in zip(b['label'], b['image']):
+      flipped.setdefault(int(label), []).append(bool(image[0, 0, 0] < image[0, 3, 0]))
+  assert all(f[0] != f[1] and f[0] == f[2] for f in flipped.values())
+  firsts = [f[0] for f in flipped.values()]
+  assert 0 < sum(firsts) < N  # the first flip is random per example
+
+
+def test_eval_batches_cover_every_example_once_with_a_mask():
+  arrays = _arrays(23)
+  batches = list(device_data.eval_batches(arrays, IDENTITY, 10))
+  assert len(batches) == 3
+  mask = np.concatenate([b['mask'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  assert list(labels) == list(range(23))
+  chex.assert_shape(batches[-1]['image'], (10, 4, 4, 1))
