@@ -70,6 +70,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.final_scale = 0.0  # decay ends at this fraction of the peak
   # ((regex on 'path/to/param', multiplier), ...): scales those params' learning rate; 0 freezes.
   config.optimizer.lr_multipliers = ()
+  # Lookahead averaging (airbench): every N steps average <- lerp(average, params, 1 - d),
+  # params <- average, with d = decay^N x (step / total)^power. 0 turns it off.
+  config.optimizer.lookahead_every = 0
+  config.optimizer.lookahead_decay = 0.95
+  config.optimizer.lookahead_power = 3.0
 
   # Scale-out (jaxmodel/parallel.py): the devices of every process form one mesh; the global
   # batch splits over data x fsdp, kernels' input features over fsdp and output features over tensor.

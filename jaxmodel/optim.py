@@ -1,9 +1,10 @@
 """Optax optimizers and learning-rate schedules chosen by name in the config."""
 
 import re
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ('constant', 'warmup_cosine', 'warmup_linear')
@@ -45,6 +46,34 @@ def _base_optimizer(config: Any, learning_rate: optax.ScalarOrSchedule,
   raise ValueError(f'unknown optimizer {config.name!r}; choose one of {OPTIMIZERS}')
 
 
+class LookaheadState(NamedTuple):
+  count: jax.Array
+  average: Any  # the slow weights
+
+
+def lookahead_average(every: int, decay: Callable[[jax.Array], jax.Array]
+                      ) -> optax.GradientTransformation:
+  """airbench's lookahead: every `every` steps, average <- lerp(average, params, 1 - decay(step)),
+  then params <- average. Chain it last; it sees the final updates and rewrites them on sync steps.
+  """
+  def init(params):
+    return LookaheadState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.asarray, params))
+
+  def update(updates, state, params):
+    count = state.count + 1
+    sync = count % every == 0
+    new_params = optax.apply_updates(params, updates)
+    keep = decay(count)
+    average = jax.tree.map(
+        lambda a, p: jnp.where(sync, keep * a + (1 - keep) * p, a).astype(a.dtype),
+        state.average, new_params)
+    updates = jax.tree.map(lambda u, a, p: jnp.where(sync, a - p, u).astype(u.dtype),
+                           updates, average, params)
+    return updates, LookaheadState(count, average)
+
+  return optax.GradientTransformation(init, update)
+
+
 def param_labels(params: Any, multipliers: dict[str, float]) -> Any:
   """Labels each parameter with the first `multipliers` pattern its path ('a/b/kernel') matches."""
   def label(path, _):
@@ -75,4 +104,9 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     tx = group(1.0)
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.lookahead_every:
+    # airbench's decay: base^every x (progress)^power, so the average matters most at the end.
+    decay = lambda count: (config.lookahead_decay ** config.lookahead_every
+                           * (count / total_steps) ** config.lookahead_power)
+    tx = optax.chain(tx, lookahead_average(config.lookahead_every, decay))
   return tx

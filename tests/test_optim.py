@@ -81,3 +81,27 @@ def test_unknown_names_raise():
     make_optimizer(_config(name='lion'), 10)
   with pytest.raises(ValueError, match='unknown schedule'):
     make_optimizer(_config(schedule='step'), 10)
+
+
+def test_lookahead_averages_every_n_steps_as_airbench_does():
+  total, every = 12, 3
+  config = _config(name='sgd', learning_rate=0.1, momentum=0.0, weight_decay=0.0,
+                   schedule='constant', lookahead_every=every, lookahead_decay=0.9,
+                   lookahead_power=2.0)
+  tx = make_optimizer(config, total)
+  params = {'w': jnp.array([1.0, -3.0])}
+  state = tx.init(params)
+  grad = lambda p: {'w': 2 * p['w'] + 1.0}
+  # By hand: plain SGD steps; on every third step average <- d*average + (1-d)*params and
+  # params <- average, with d = 0.9^3 * (step/total)^2.
+  net, average = np.array([1.0, -3.0]), np.array([1.0, -3.0])
+  for step in range(1, total + 1):
+    updates, state = tx.update(grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+    net = net - 0.1 * (2 * net + 1.0)
+    if step % every == 0:
+      d = 0.9**3 * (step / total)**2
+      average = d * average + (1 - d) * net
+      net = average.copy()
+    np.testing.assert_allclose(params['w'], net, rtol=1e-5, err_msg=f'step {step}')
+  assert not np.allclose(net, [1.0, -3.0])  # it trained
