@@ -38,9 +38,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_split = 'train[90%:]'
   config.data = ml_collections.ConfigDict()
   config.data.crop_padding = 4  # random crop after zero padding by this many pixels; 0 turns it off
+  config.data.pad_mode = 'constant'  # the crop's padding: 'constant' (zeros) or 'reflect'
   config.data.flip = True  # random horizontal flips
+  config.data.alternating_flip = False  # airbench's: random at epoch 0, inverted every odd epoch
   config.data.mean = (0.4914, 0.4822, 0.4465)  # per channel, on pixels scaled to [0, 1]
   config.data.std = (0.2470, 0.2435, 0.2616)
+  # Hold both splits on the device and make each batch inside the train step: no input pipeline,
+  # no host round trip per step (for datasets that fit in memory; one process).
+  config.data.on_device = False
   config.data.num_workers = 0  # Grain worker processes; 0 prepares batches in background threads
   config.data.prefetch = 4  # batches prepared ahead
 
@@ -293,6 +298,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (config.checkpoint_every_steps > 0, 'checkpoint_every_steps must be positive'),
       (config.keep_checkpoints > 0, 'keep_checkpoints must be positive'),
       (config.data.crop_padding >= 0, 'data.crop_padding must be >= 0'),
+      (config.data.pad_mode in ('constant', 'reflect'),
+       "data.pad_mode must be 'constant' or 'reflect'"),
+      (not config.data.alternating_flip or (config.data.flip and config.data.on_device),
+       'data.alternating_flip needs data.flip=True and data.on_device=True'),
       (config.keep_best_checkpoints >= 0, 'keep_best_checkpoints must be >= 0'),
       (config.best_metric in ('accuracy', 'loss'), "best_metric must be 'accuracy' or 'loss'"),
       (config.early_stopping_patience >= 0, 'early_stopping_patience must be >= 0'),

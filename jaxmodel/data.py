@@ -76,13 +76,14 @@ class Preprocess:
   mean: Sequence[float]
   std: Sequence[float]
   crop_padding: int = 0
+  pad_mode: str = 'constant'  # or 'reflect'
   flip: bool = False
 
   def augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     n, h, w, _ = images.shape
     if self.crop_padding:
       p = self.crop_padding
-      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+      padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=self.pad_mode)
       dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
       rows = dy[:, None] + np.arange(h)  # (n, h)
       cols = dx[:, None] + np.arange(w)  # (n, w)
@@ -111,6 +112,7 @@ def _image_and_label(example: dict) -> dict:
 def preprocess_from_config(config: Any, train: bool) -> Preprocess:
   return Preprocess(mean=tuple(config.data.mean), std=tuple(config.data.std),
                     crop_padding=config.data.crop_padding if train else 0,
+                    pad_mode=config.data.pad_mode,
                     flip=config.data.flip and train)
 
 

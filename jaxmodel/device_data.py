@@ -105,16 +105,51 @@ class TrainBatches:
     images = self.augment(arrays['image'][indices], indices, epoch, step, self._key())
     return {'image': images, 'label': arrays['label'][indices]}
 
+  def from_inputs(self, inputs: dict, step: jax.Array) -> dict:
+    """The batch of `step` from what StepInputs yields; call it inside the train step."""
+    return self.batch(inputs['arrays'], inputs['permutation'], step)
+
+
+class StepInputs:
+  """The iterator the loop draws from: per step, the split's arrays and its epoch's permutation.
+
+  Like the Grain pipeline's iterator, but with nothing to checkpoint: its position is the step.
+  """
+
+  def __init__(self, batches: TrainBatches, arrays: dict, step: int):
+    self.batches, self.arrays, self.step = batches, arrays, step
+    self._permute = jax.jit(batches.permutation)
+    self._epoch, self._permutation = None, None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    epoch = self.step // self.batches.steps_per_epoch
+    if epoch != self._epoch:
+      # Placed like the arrays, as the compiled step expects its inputs.
+      permutation = jax.device_put(self._permute(epoch), self.arrays['label'].sharding)
+      self._epoch, self._permutation = epoch, permutation
+    self.step += 1
+    return {'arrays': self.arrays, 'permutation': self._permutation}
+
+
+def augment_from_config(config: Any) -> Augment:
+  return Augment(mean=tuple(config.data.mean), std=tuple(config.data.std),
+                 crop_padding=config.data.crop_padding, pad_mode=config.data.pad_mode,
+                 flip=config.data.flip, alternating_flip=config.data.alternating_flip)
+
 
 def eval_batches(arrays: dict, augment: Augment, batch_size: int) -> Iterator[dict]:
-  """Every example once in batches of exactly `batch_size` (the last padded, 'mask' 0 there).
+  """Every example of host `arrays` once, in batches of exactly `batch_size` with a 'mask'.
 
-  `arrays` are device arrays; normalization runs on the device, batch by batch.
+  The last batch is padded with its last example (mask 0 there), as data.eval_batches does.
   """
-  normalize = jax.jit(augment.normalize)
+  mean = 255 * np.asarray(augment.mean, np.float32)
+  scale = 1 / (255 * np.asarray(augment.std, np.float32))
   n = len(arrays['label'])
   for start in range(0, n, batch_size):
     positions = np.arange(start, start + batch_size)
-    index = np.minimum(positions, n - 1)  # the last batch repeats the last example as padding
-    yield {'image': normalize(arrays['image'][index]), 'label': arrays['label'][index],
-           'mask': positions < n}
+    index = np.minimum(positions, n - 1)
+    yield {'image': (arrays['image'][index].astype(np.float32) - mean) * scale,
+           'label': arrays['label'][index], 'mask': positions < n}

@@ -230,15 +230,37 @@ class Step:
     return self.fn.cost_analysis()
 
 
-def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict) -> tuple[Step, Step]:
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
+                  make_batch: Callable[[Any, jax.Array], dict] | None = None) -> tuple[Any, Step]:
   """(train, eval) steps for `strategy`; the train step is compiled now for `local_batch`'s shape.
 
   The train step donates the state it is given, which must be laid out as `state_shardings`.
+  With `make_batch(inputs, step)` (device-resident data, 'jit' only) the train step takes those
+  replicated device inputs in place of a batch and makes the batch itself, split over the mesh.
   """
   check_strategy(strategy, mesh)
   shardings = state_shardings(state, mesh)
   batch = batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
+  eval_fn = jax.jit(eval_step, in_shardings=(shardings, batch), out_shardings=replicated)
+  local_shards = batch_shards(mesh) // jax.process_count()
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+  if make_batch is not None:
+    if strategy != 'jit':
+      raise ParallelError("data.on_device runs with parallel.strategy 'jit'; set one of them")
+
+    def step_on_device_data(state, inputs):
+      made = jax.lax.with_sharding_constraint(make_batch(inputs, state.step), batch)
+      return train_step(state, made)
+    train_fn = jax.jit(step_on_device_data, in_shardings=(shardings, replicated),
+                       out_shardings=(shardings, replicated), donate_argnums=0)
+    return (train_fn.lower(abstract_state, local_batch).compile(),
+            Step(eval_fn, batch, pad_to=local_shards))
   if strategy == 'jit':
     step = train_step
   else:
@@ -251,11 +273,7 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict) -> t
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]),
                                            v.dtype, sharding=batch)
                    for k, v in local_batch.items()}
-  abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   compiled = train_fn.lower(abstract_state, global_shapes).compile()
-  eval_fn = jax.jit(eval_step, in_shardings=(shardings, batch), out_shardings=replicated)
-  local_shards = batch_shards(mesh) // jax.process_count()
   return Step(compiled, batch), Step(eval_fn, batch, pad_to=local_shards)
 
 

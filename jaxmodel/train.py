@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmodel import checkpoint, config as config_lib, data, faults, models, optim
+from jaxmodel import checkpoint, config as config_lib, data, device_data, faults, models, optim
 from jaxmodel import metrics as metrics_lib
 from jaxmodel import parallel, plots, text, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
@@ -157,13 +157,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   state = parallel.create_state(
       lambda: create_train_state(model, tx, example, rng, loss_fn), mesh)
 
-  train_iter = iter(data.train_dataset(
-      train_source, train_preprocess, local_batch, seed=config.seed,
-      process_index=jax.process_index(), process_count=process_count,
-      prefetch=config.data.prefetch, num_workers=config.data.num_workers, **decode))
-  eval_batches = lambda: data.eval_batches(
-      eval_source, eval_preprocess, config.eval_batch_size,
-      process_index=jax.process_index(), process_count=process_count, **decode)
+  if config.data.on_device:
+    if process_count > 1 or vocab:
+      raise TrainError('data.on_device holds a whole image split in one process; use the Grain '
+                       'pipeline (--config.data.on_device=False) with several processes or text')
+    augment = device_data.augment_from_config(config)
+    device_batches = device_data.TrainBatches(len(train_source), local_batch, config.seed, augment)
+    train_arrays = jax.device_put(device_data.load_split(train_source), parallel.replicated(mesh))
+    eval_arrays = device_data.load_split(eval_source)  # read once, not every epoch
+    train_iter = None  # no pipeline state to checkpoint: the step number says where the data is
+    make_batch = device_batches.from_inputs
+    eval_batches = lambda: device_data.eval_batches(eval_arrays, augment, config.eval_batch_size)
+  else:
+    make_batch = None  # batches come from the Grain pipeline
+    train_iter = iter(data.train_dataset(
+        train_source, train_preprocess, local_batch, seed=config.seed,
+        process_index=jax.process_index(), process_count=process_count,
+        prefetch=config.data.prefetch, num_workers=config.data.num_workers, **decode))
+    eval_batches = lambda: data.eval_batches(
+        eval_source, eval_preprocess, config.eval_batch_size,
+        process_index=jax.process_index(), process_count=process_count, **decode)
 
   fingerprint = config_lib.fingerprint(config)
   if manager.latest_step() is not None:
@@ -192,9 +205,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f'{parallel.describe(mesh, config.parallel.strategy)}', flush=True)
 
   step = int(state.step)
-  batch = next(train_iter)
+  inputs = train_iter if train_iter is not None else device_data.StepInputs(
+      device_batches, train_arrays, step)
+  batch = next(inputs)
   compile_start = time.perf_counter()
-  train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch)
+  train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch,
+                                             make_batch)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   print(f'compiled the train step in {compile_seconds:.1f} s '
@@ -260,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           checkpoint.wait(manager)
           raise faults.Preempted(step)
       if step < total_steps and not stopper.should_stop:
-        batch = next(train_iter)
+        batch = next(inputs)
   except faults.NonFiniteError as e:
     checkpoint.wait(manager)
     raise faults.NonFiniteError(

@@ -77,10 +77,45 @@ def test_alternating_flip_inverts_each_example_every_other_epoch():
 
 
 def test_eval_batches_cover_every_example_once_with_a_mask():
-  arrays = _arrays(23)
+  arrays = jax.device_get(_arrays(23))  # eval arrays stay on the host
   batches = list(device_data.eval_batches(arrays, IDENTITY, 10))
   assert len(batches) == 3
   mask = np.concatenate([b['mask'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])[mask]
   assert list(labels) == list(range(23))
   chex.assert_shape(batches[-1]['image'], (10, 4, 4, 1))
+
+
+def test_a_run_on_device_data_resumes_to_the_same_model(cifar_small, tmp_path):
+  """The CLI with data.on_device: it learns, and a run resumed from a mid-run checkpoint ends
+  bitwise where the uninterrupted one did (the step number is the whole data position)."""
+  import json, os, shutil, subprocess, sys
+  import orbax.checkpoint as ocp
+
+  def train(workdir):
+    command = [
+        sys.executable, '-m', 'jaxmodel.train', '--config=cifar', f'--workdir={workdir}',
+        f'--config.dataset={cifar_small["name"]}', f'--config.data_dir={cifar_small["data_dir"]}',
+        '--config.train_split=train[:80%]', '--config.eval_split=train[80%:]',
+        '--config.model.widths=(16, 32, 64)', '--config.batch_size=50', '--config.num_epochs=2',
+        '--config.checkpoint_every_steps=8', '--config.keep_checkpoints=10',
+        '--config.data.on_device=True', '--config.data.alternating_flip=True',
+        '--config.data.pad_mode=reflect']
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  workdir = tmp_path / 'run'
+  train(workdir)
+  records = [json.loads(line) for line in open(workdir / 'metrics.jsonl')]
+  losses = [r['train_loss'] for r in records if 'train_loss' in r]
+  assert losses[-1] < losses[0]
+  interrupted = tmp_path / 'interrupted'
+  shutil.copytree(workdir, interrupted)
+  for step in ('24', '32'):  # as if it had died after the step-16 checkpoint
+    shutil.rmtree(interrupted / 'checkpoints' / step)
+  stdout = train(interrupted)
+  assert 'at step 16' in stdout
+  final = lambda w: ocp.StandardCheckpointer().restore(w / 'checkpoints' / '32' / 'state')
+  chex.assert_trees_all_equal(final(interrupted), final(workdir))
