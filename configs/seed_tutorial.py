@@ -15,6 +15,9 @@ def get_config():
   config.num_epochs = 2
   config.data.crop_padding = 0
   config.data.flip = False
+  # Batches of 4 are bound by per-step overheads: making them inside the step ran 2.6x faster
+  # here than the Grain pipeline (1,586 vs 603 images/s, experiments/README.md).
+  config.data.on_device = True
   config.data.mean = (0.5, 0.5, 0.5)
   config.data.std = (0.5, 0.5, 0.5)
   config.optimizer.name = 'sgd'
