@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Hold both splits on the device and make each batch inside the train step: no input pipeline,
   # no host round trip per step (for datasets that fit in memory; one process).
   config.data.on_device = False
+  # With data.on_device: run this many train steps per call into the device (a compiled loop),
+  # for small steps bound by per-call costs. The steps, their data and randomness are the same.
+  config.steps_per_dispatch = 1
   config.data.num_workers = 0  # Grain worker processes; 0 prepares batches in background threads
   config.data.prefetch = 4  # batches prepared ahead
 
@@ -302,6 +305,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "data.pad_mode must be 'constant' or 'reflect'"),
       (not config.data.alternating_flip or (config.data.flip and config.data.on_device),
        'data.alternating_flip needs data.flip=True and data.on_device=True'),
+      (config.steps_per_dispatch >= 1, 'steps_per_dispatch must be >= 1'),
+      (config.steps_per_dispatch == 1 or config.data.on_device,
+       'steps_per_dispatch > 1 needs data.on_device=True'),
       (config.keep_best_checkpoints >= 0, 'keep_best_checkpoints must be >= 0'),
       (config.best_metric in ('accuracy', 'loss'), "best_metric must be 'accuracy' or 'loss'"),
       (config.early_stopping_patience >= 0, 'early_stopping_patience must be >= 0'),

@@ -14,6 +14,7 @@ import threading
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class NonFiniteError(RuntimeError):
@@ -70,12 +71,17 @@ def hide_background_tracebacks() -> None:
 
 def check_finite(history: list[dict], first_step: int) -> None:
   """Raises NonFiniteError naming the first step of `history` (step `first_step` first) whose
-  loss or gradient norm is not finite. Reads the metrics from the device: call it sparingly."""
-  for offset, metrics in enumerate(jax.device_get(history)):
-    for name in ('loss', 'grad_norm'):
-      value = float(metrics.get(name, 0.0))
-      if not math.isfinite(value):
-        raise NonFiniteError(f'{name} is {value} at step {first_step + offset}')
+  loss or gradient norm is not finite. Reads the metrics from the device: call it sparingly.
+  An entry holds one step's metrics, or several steps' stacked."""
+  step = first_step
+  for metrics in jax.device_get(history):
+    losses = np.ravel(metrics['loss'])
+    for offset in range(len(losses)):
+      for name in ('loss', 'grad_norm'):
+        value = float(np.ravel(metrics.get(name, np.zeros(len(losses))))[offset])
+        if not math.isfinite(value):
+          raise NonFiniteError(f'{name} is {value} at step {step + offset}')
+    step += len(losses)
 
 
 @jax.jit

@@ -33,8 +33,8 @@ class SeedCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    x = nn.max_pool(nn.relu(Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
-    x = nn.max_pool(nn.relu(Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
+    x = ops.max_pool(nn.relu(Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
+    x = ops.max_pool(nn.relu(Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
     x = x.reshape(x.shape[0], -1)
     x = drop(nn.relu(nn.Dense(120)(x)))
     x = drop(nn.relu(nn.Dense(84)(x)))
@@ -124,7 +124,7 @@ class ConvGroup(nn.Module):
     norm = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.6, epsilon=1e-12,
                                 use_scale=False, axis_name=self.norm_axis_name)
     x = Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
-    x = nn.max_pool(x, (2, 2), (2, 2))
+    x = ops.max_pool(x, (2, 2), (2, 2))
     x = nn.gelu(norm()(x))
     x = Conv(self.width, (3, 3), use_bias=False, kernel_init=dirac_init())(x)
     return nn.gelu(norm()(x))

@@ -1,17 +1,22 @@
-"""A convolution that trains faster on XLA:CPU, and XLA's own everywhere else.
+"""Convolution and pooling that train faster on XLA:CPU, and XLA's own everywhere else.
 
-XLA:CPU computes a convolution's weight gradient 4-10x slower than its forward pass (measured in
-experiments/). `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (pass it to
-`nn.Conv(conv_general_dilated=...)`): on CPU, for plain NHWC/HWIO convolutions with kernels of
-at most 3x3, its backward pass computes the weight gradient as one matmul of image patches by the
-output gradient; GPU and TPU lower to XLA's convolution unchanged (`lax.platform_dependent` picks
-at lowering time).
-Set JAXMODEL_XLA_CONV=1 to use XLA's convolution on CPU too (for comparisons).
+XLA:CPU computes a convolution's weight gradient 4-10x slower than its forward pass, runs large
+kernels over few channels (the tutorial CNN's 5x5 over 3 and 6) at a few GFLOP/s, and
+differentiates max pooling through a slow select-and-scatter (measured in experiments/).
+Drop-ins, chosen at lowering time by `lax.platform_dependent` (GPU and TPU keep XLA's ops):
+- `conv_general_dilated` for `lax.conv_general_dilated` (pass it to
+  `nn.Conv(conv_general_dilated=...)`). On CPU, for plain NHWC/HWIO convolutions: kernels of at
+  most 3x3 keep XLA's forward pass but compute the weight gradient as one matmul of image patches
+  by the output gradient; larger kernels run entirely as patches x kernel matmuls (im2col).
+- `max_pool` for `nn.max_pool` with non-overlapping windows: a reshape and a max, whose gradient
+  is a compare and a multiply.
+Set JAXMODEL_XLA_CONV=1 to use XLA's own convolution and pooling on CPU too (for comparisons).
 """
 
 import functools
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -28,8 +33,17 @@ def _patches(x, kernel_size, strides, padding):
   (kh, kw), (sh, sw) = kernel_size, strides
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   h, w = (x.shape[1] - kh) // sh + 1, (x.shape[2] - kw) // sw + 1
-  return jnp.concatenate([x[:, i:i + sh * (h - 1) + 1:sh, j:j + sw * (w - 1) + 1:sw]
-                          for i in range(kh) for j in range(kw)], axis=-1)
+  # Columns, then rows: kh + kw wide copies instead of kh * kw narrow ones (C may be 3).
+  x = jnp.concatenate([x[:, :, j:j + sw * (w - 1) + 1:sw] for j in range(kw)], axis=-1)
+  return jnp.concatenate([x[:, i:i + sh * (h - 1) + 1:sh] for i in range(kh)], axis=-1)
+
+
+def _im2col_conv(x, kernel, strides, padding):
+  """The convolution as one matmul of image patches by the kernel; autodiff gives matmuls too."""
+  kh, kw, c_in, c_out = kernel.shape
+  patches = _patches(x, (kh, kw), strides, padding)
+  return (patches.reshape(-1, kh * kw * c_in) @ kernel.reshape(-1, c_out)).reshape(
+      *patches.shape[:3], c_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -59,11 +73,9 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   """`lax.conv_general_dilated`, with the fast CPU backward pass where it applies."""
   nhwc = lhs.ndim == 4 and (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
                             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  # Measured here: the patch matmul wins for 3x3 and smaller kernels; for seed_cnn's 5x5 ones
-  # (25 taps over few channels) XLA's own backward was faster.
   undilated = all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-  plain = (nhwc and undilated and rhs.shape[0] * rhs.shape[1] <= 9 and feature_group_count == 1
-           and batch_group_count == 1 and preferred_element_type is None)
+  plain = (nhwc and undilated and feature_group_count == 1 and batch_group_count == 1
+           and preferred_element_type is None)
   xla = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
                           padding=padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                           dimension_numbers=dimension_numbers,
@@ -76,5 +88,27 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
-  fast = lambda x, k: _patch_matmul_conv(x, k, strides, padding)
+  # Measured here: up to 3x3, XLA's forward and input gradient beat im2col's (its patches are
+  # kh*kw times the input); beyond, on seed_cnn's 5x5 kernels, im2col won (experiments/).
+  if rhs.shape[0] * rhs.shape[1] <= 9:
+    fast = lambda x, k: _patch_matmul_conv(x, k, strides, padding)
+  else:
+    fast = lambda x, k: _im2col_conv(x, k, strides, padding)
   return lax.platform_dependent(lhs, rhs, cpu=fast, default=xla)
+
+
+def _reshape_max_pool(x, window):
+  (wh, ww), (b, h, w, c) = window, x.shape
+  x = x[:, :h - h % wh, :w - w % ww]  # what VALID pooling leaves out
+  return x.reshape(b, h // wh, wh, w // ww, ww, c).max(axis=(2, 4))
+
+
+def max_pool(x, window_shape, strides=None, padding='VALID'):
+  """`nn.max_pool`, faster on CPU when windows do not overlap (strides == window, VALID, NHWC)."""
+  xla = functools.partial(nn.max_pool, window_shape=window_shape, strides=strides,
+                          padding=padding)
+  if (x.ndim != 4 or tuple(strides or (1, 1)) != tuple(window_shape) or padding != 'VALID'
+      or os.environ.get('JAXMODEL_XLA_CONV') == '1'):
+    return xla(x)
+  fast = functools.partial(_reshape_max_pool, window=tuple(window_shape))
+  return lax.platform_dependent(x, cpu=fast, default=xla)

@@ -221,7 +221,9 @@ class Step:
   def __init__(self, fn, sharding: NamedSharding, pad_to: int = 1):
     self.fn, self.sharding, self.pad_to = fn, sharding, pad_to
 
-  def __call__(self, state, local_batch: dict):
+  def __call__(self, state, local_batch: dict, steps: int = 1):
+    if steps != 1:
+      raise ParallelError('several steps per call need data.on_device')
     if self.pad_to > 1:
       local_batch = _pad_rows(local_batch, self.pad_to)
     return self.fn(state, global_batch(local_batch, self.sharding))
@@ -230,17 +232,39 @@ class Step:
     return self.fn.cost_analysis()
 
 
+class DeviceSteps:
+  """Compiled train steps on device-resident data: one per call, or `steps_per_call` in a loop.
+
+  The loop's metrics come back stacked, one entry per step.
+  """
+
+  def __init__(self, one, many, steps_per_call: int):
+    self.one, self.many, self.steps_per_call = one, many, steps_per_call
+
+  def __call__(self, state, inputs: dict, steps: int = 1):
+    if steps == 1:
+      return self.one(state, inputs)
+    if steps != self.steps_per_call:
+      raise ParallelError(f'compiled for 1 or {self.steps_per_call} steps per call, not {steps}')
+    return self.many(state, inputs)
+
+  def cost_analysis(self):  # of one step
+    return self.one.cost_analysis()
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
 def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
-                  make_batch: Callable[[Any, jax.Array], dict] | None = None) -> tuple[Any, Step]:
+                  make_batch: Callable[[Any, jax.Array], dict] | None = None,
+                  steps_per_call: int = 1) -> tuple[Step | DeviceSteps, Step]:
   """(train, eval) steps for `strategy`; the train step is compiled now for `local_batch`'s shape.
 
   The train step donates the state it is given, which must be laid out as `state_shardings`.
   With `make_batch(inputs, step)` (device-resident data, 'jit' only) the train step takes those
-  replicated device inputs in place of a batch and makes the batch itself, split over the mesh.
+  replicated device inputs in place of a batch and makes the batch itself, split over the mesh;
+  with `steps_per_call` > 1 it can also run that many steps in one call (`lax.scan`).
   """
   check_strategy(strategy, mesh)
   shardings = state_shardings(state, mesh)
@@ -257,9 +281,16 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
     def step_on_device_data(state, inputs):
       made = jax.lax.with_sharding_constraint(make_batch(inputs, state.step), batch)
       return train_step(state, made)
-    train_fn = jax.jit(step_on_device_data, in_shardings=(shardings, replicated),
-                       out_shardings=(shardings, replicated), donate_argnums=0)
-    return (train_fn.lower(abstract_state, local_batch).compile(),
+
+    def steps_on_device_data(state, inputs):
+      return jax.lax.scan(lambda state, _: step_on_device_data(state, inputs), state,
+                          length=steps_per_call)
+
+    compile = lambda fn: jax.jit(fn, in_shardings=(shardings, replicated),
+                                 out_shardings=(shardings, replicated), donate_argnums=0
+                                 ).lower(abstract_state, local_batch).compile()
+    many = compile(steps_on_device_data) if steps_per_call > 1 else None
+    return (DeviceSteps(compile(step_on_device_data), many, steps_per_call),
             Step(eval_fn, batch, pad_to=local_shards))
   if strategy == 'jit':
     step = train_step

@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.strategy', 'parallel.mesh.data',
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
-                     'distributed.process_id')
+                     'distributed.process_id', 'steps_per_dispatch')
 
 
 def enable_compilation_cache() -> str:
@@ -58,6 +58,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, saved: dict
 
   `saved` is the fingerprint stored with the checkpoint (default: WORKDIR/config.json). Keys
   starting with a `defer` prefix are skipped, left for the restore to report by parameter shape.
+  A key the saved config lacks (added to jaxmodel since) counts as its default there.
   """
   path = os.path.join(workdir, 'config.json')
   if saved is None:
@@ -65,7 +66,7 @@ def check_resumable(workdir: str, config: ml_collections.ConfigDict, saved: dict
       return
     with open(path) as f:
       saved = json.load(f)
-  old = _flatten(saved)
+  old = _flatten(config_lib.fingerprint(config_lib.base_config())) | _flatten(saved)
   new = _flatten(config_lib.fingerprint(config))
   changed = [k for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES
@@ -90,8 +91,14 @@ def evaluate(eval_fn, state: TrainState, batches: Iterable[dict]) -> dict:
 
 
 def _mean_metrics(history: list[dict]) -> dict:
+  """The mean of each metric over the steps of `history` (a call's may hold several steps)."""
   history = jax.device_get(history)
-  return {k: float(np.mean([m[k] for m in history])) for k in history[0]}
+  return {k: float(np.mean(np.concatenate([np.ravel(m[k]) for m in history]))) for k in history[0]}
+
+
+def _steps_to_boundary(step: int, periods: Iterable[int], marks: Iterable[int]) -> int:
+  """Steps from `step` to the next multiple of a period or the next mark after it."""
+  return min([p - step % p for p in periods] + [m - step for m in marks if m > step])
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -210,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch = next(inputs)
   compile_start = time.perf_counter()
   train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch,
-                                             make_batch)
+                                             make_batch, config.steps_per_dispatch)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   print(f'compiled the train step in {compile_seconds:.1f} s '
@@ -224,17 +231,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     stopper.update(record['step'], record[f'eval_{config.best_metric}'])
   if stopper.should_stop:
     print(f'early stopping had ended this run at step {step}; nothing left to train', flush=True)
-  profiler = metrics_lib.StepProfiler(
-      config_lib.profile_range(config.profile_steps) if config.profile_steps else None,
-      os.path.join(workdir, 'profile'))
+  profile_steps = config_lib.profile_range(config.profile_steps) if config.profile_steps else None
+  profiler = metrics_lib.StepProfiler(profile_steps, os.path.join(workdir, 'profile'))
+  # Several steps per call only between the steps where the loop logs, evaluates or saves.
+  periods = (config.log_every_steps, steps_per_epoch, config.checkpoint_every_steps)
+  marks = (total_steps, *(profile_steps or ()))
   history, eval_metrics = [], None
   train_seconds, trained_images = 0.0, 0
   interval_start, interval_step = time.perf_counter(), step
   try:
     while step < total_steps and not stopper.should_stop:
       profiler.before_step(step)
-      state, step_metrics = train_fn(state, batch)  # dispatched: runs while the host goes on
-      step += 1
+      call_steps = config.steps_per_dispatch
+      if _steps_to_boundary(step, periods, marks) < call_steps:
+        call_steps = 1
+      # Dispatched: runs while the host goes on.
+      state, step_metrics = train_fn(state, batch, call_steps)
+      step += call_steps
+      for _ in range(call_steps - 1):  # the inputs the call's other steps took
+        next(inputs)
       profiler.after_step(step, step_metrics)
       history.append(step_metrics)
       end_of_epoch = step % steps_per_epoch == 0

@@ -88,11 +88,13 @@ def test_eval_batches_cover_every_example_once_with_a_mask():
 
 def test_a_run_on_device_data_resumes_to_the_same_model(cifar_small, tmp_path):
   """The CLI with data.on_device: it learns, and a run resumed from a mid-run checkpoint ends
-  bitwise where the uninterrupted one did (the step number is the whole data position)."""
+  bitwise where the uninterrupted one did (the step number is the whole data position). Run 3
+  steps per call (so some calls run one, to land on checkpoints and epoch ends), it trains the
+  same model."""
   import json, os, shutil, subprocess, sys
   import orbax.checkpoint as ocp
 
-  def train(workdir):
+  def train(workdir, *overrides):
     command = [
         sys.executable, '-m', 'jaxmodel.train', '--config=cifar', f'--workdir={workdir}',
         f'--config.dataset={cifar_small["name"]}', f'--config.data_dir={cifar_small["data_dir"]}',
@@ -100,7 +102,7 @@ def test_a_run_on_device_data_resumes_to_the_same_model(cifar_small, tmp_path):
         '--config.model.widths=(16, 32, 64)', '--config.batch_size=50', '--config.num_epochs=2',
         '--config.checkpoint_every_steps=8', '--config.keep_checkpoints=10',
         '--config.data.on_device=True', '--config.data.alternating_flip=True',
-        '--config.data.pad_mode=reflect']
+        '--config.data.pad_mode=reflect', '--config.log_every_steps=4', *overrides]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600,
                             env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -119,3 +121,12 @@ def test_a_run_on_device_data_resumes_to_the_same_model(cifar_small, tmp_path):
   assert 'at step 16' in stdout
   final = lambda w: ocp.StandardCheckpointer().restore(w / 'checkpoints' / '32' / 'state')
   chex.assert_trees_all_equal(final(interrupted), final(workdir))
+
+  batched = tmp_path / 'three_per_call'
+  train(batched, '--config.steps_per_dispatch=3')
+  chex.assert_trees_all_close(final(batched), final(workdir), rtol=1e-4, atol=1e-5)
+  logged = lambda w: [(r['step'], r['train_loss']) for r in map(json.loads, open(w / 'metrics.jsonl'))
+                      if 'train_loss' in r]
+  assert [s for s, _ in logged(batched)] == [s for s, _ in logged(workdir)] == list(range(4, 33, 4))
+  np.testing.assert_allclose([l for _, l in logged(batched)], [l for _, l in logged(workdir)],
+                             rtol=1e-4)

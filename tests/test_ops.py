@@ -1,9 +1,10 @@
-"""The fast-on-CPU convolution computes what XLA's does, values and gradients."""
+"""The fast-on-CPU convolution and pooling compute what XLA's do, values and gradients."""
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax.linen as nn
 import pytest
 from jax import lax
 
@@ -12,7 +13,8 @@ from jaxmodel import ops
 CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((4, 9, 9, 3), (3, 3, 3, 5), (1, 1), 'SAME'),
     ((2, 32, 32, 3), (2, 2, 3, 24), (2, 2), 'VALID'),
-    ((3, 12, 12, 4), (5, 5, 4, 6), (1, 1), 'VALID'),  # XLA's path
+    ((3, 12, 12, 4), (5, 5, 4, 6), (1, 1), 'VALID'),  # im2col
+    ((2, 11, 11, 3), (5, 5, 3, 2), (2, 2), 'SAME'),  # im2col, strided and padded
     ((2, 10, 10, 2), (3, 3, 2, 4), (2, 2), ((1, 0), (2, 1))),
     ((2, 8, 8, 6), (1, 1, 6, 3), (2, 2), 'SAME'),
 ]
@@ -64,13 +66,34 @@ def test_other_convolutions_fall_back_to_xla():
                                feature_group_count=2)
   chex.assert_trees_all_close(y, lax.conv_general_dilated(
       x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
-  large = jax.jit(jax.grad(lambda k: jnp.sum(_fast(jnp.ones((2, 8, 8, 3)), k, (1, 1), 'SAME'))))
-  hlo = large.lower(jnp.ones((5, 5, 3, 4))).compile().as_text()
-  assert 'convolution(' in hlo and 'dot(' not in hlo  # 5x5: XLA's weight-gradient convolution
+
+
+def test_large_kernels_run_as_matmuls_on_cpu():
+  grad_fn = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME'))),
+                             argnums=(0, 1)))
+  hlo = grad_fn.lower(jnp.ones((2, 8, 8, 3)), jnp.ones((5, 5, 3, 4))).compile().as_text()
+  assert 'convolution(' not in hlo and 'dot(' in hlo  # forward and both gradients
+
+
+@pytest.mark.parametrize('shape,window', [((2, 8, 8, 3), (2, 2)), ((2, 15, 15, 4), (2, 2)),
+                                          ((1, 9, 12, 2), (3, 3))])
+def test_max_pool_matches_flax(shape, window):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=shape), jnp.float32)
+  pools = {'fast': lambda x: ops.max_pool(x, window, window),
+           'flax': lambda x: nn.max_pool(x, window, window)}
+  outs = {k: jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(3 * f(x))))) (x)
+          for k, f in pools.items()}
+  chex.assert_trees_all_close(outs['fast'], outs['flax'], rtol=1e-6, atol=1e-6)
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(ops.max_pool(x, window, window)))).lower(
+      x).compile().as_text()
+  assert 'select-and-scatter' not in hlo and 'reduce-window' not in hlo
+  overlapping = ops.max_pool(x, (3, 3), (1, 1), 'SAME')  # not a reshape: Flax's own
+  chex.assert_trees_all_close(overlapping, nn.max_pool(x, (3, 3), (1, 1), 'SAME'))
 
 
 @pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
-                                         ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2})])
+                                         ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2}),
+                                         ('seed_cnn', {})])
 def test_models_train_the_same_with_xla_convolutions(name, kwargs, monkeypatch):
   from jaxmodel import cross_entropy_loss, get_model
   model = get_model(name, **kwargs)
