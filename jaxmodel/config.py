@@ -54,6 +54,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 128  # global batch, split across processes
   config.eval_batch_size = 500
+  # Validation logits averaged over test-time augmentations: 'none', 'flip' or 'flip_translate'
+  # (airbench's 6 views: the images and two 1-pixel translations, each with its mirror image).
+  config.eval_tta = 'none'
+  # Report the training time to reach each of these validation accuracies (e.g. (0.9, 0.93)).
+  config.accuracy_marks = ()
   config.num_epochs = 10
 
   # Model: a name from jaxmodel.models.MODELS; the other keys are its constructor arguments.
@@ -305,6 +310,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
        "data.pad_mode must be 'constant' or 'reflect'"),
       (not config.data.alternating_flip or (config.data.flip and config.data.on_device),
        'data.alternating_flip needs data.flip=True and data.on_device=True'),
+      (config.eval_tta in ('none', 'flip', 'flip_translate'),
+       "eval_tta must be 'none', 'flip' or 'flip_translate'"),
+      (all(0 < m <= 1 for m in config.accuracy_marks),
+       'accuracy_marks must be accuracies in (0, 1]'),
       (config.steps_per_dispatch >= 1, 'steps_per_dispatch must be >= 1'),
       (config.steps_per_dispatch == 1 or config.data.on_device,
        'steps_per_dispatch > 1 needs data.on_device=True'),

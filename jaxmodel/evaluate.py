@@ -1,5 +1,5 @@
 """Measure a trained model: python -m jaxmodel.evaluate --workdir W [--dataset NAME --split S |
---image-folder PATH] [--checkpoint latest|best|STEP] [--tta]
+--image-folder PATH] [--checkpoint latest|best|STEP] [--tta[=flip_translate]]
 
 Prints accuracy, loss, per-class accuracy and the confusion matrix, and writes them as JSON with
 the confusion matrix as PNG into WORKDIR/evaluations/. Without --dataset or --image-folder it
@@ -41,7 +41,8 @@ def folder_batches(files: Sequence[tuple[str, int]], trained: trained_lib.Traine
            'mask': np.arange(batch_size) < n}
 
 
-def evaluate(trained: trained_lib.Trained, batches: Iterable[dict], tta: bool = False) -> dict:
+def evaluate(trained: trained_lib.Trained, batches: Iterable[dict], tta: bool | str = False
+             ) -> dict:
   """Accuracy, mean loss, per-class accuracy and confusion matrix over the masked batches."""
   logits_fn = trained.logits_fn(tta)
   loss_fn = trained.loss_fn()
@@ -96,8 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--data_dir', help='where --dataset is prepared (default: the run\'s)')
   parser.add_argument('--image-folder', help='a folder of CLASS/*.jpg|png to evaluate instead')
   parser.add_argument('--checkpoint', default='latest', help='latest, best or a step number')
-  parser.add_argument('--tta', action='store_true',
-                      help='test-time augmentation: mean logits of each image and its mirror')
+  parser.add_argument('--tta', nargs='?', const='flip', default='none',
+                      choices=('none', 'flip', 'flip_translate'),
+                      help="test-time augmentation: 'flip' (the default of a bare --tta: mean "
+                           "logits of each image and its mirror) or 'flip_translate' (airbench's "
+                           "6 views)")
   parser.add_argument('--batch-size', type=int, default=None,
                       help='default: the run\'s eval_batch_size')
   return trained_lib.run_cli(_main, parser, argv)
@@ -124,7 +128,7 @@ def _main(args) -> int:
     batches = data.eval_batches(source, trained.preprocess, batch_size)
     source_name = f'{dataset} {split}'
     slug = _slug(f'{dataset}-{split}')
-  slug += f'-step{trained.step}' + ('-tta' if args.tta else '')
+  slug += f'-step{trained.step}' + {'none': '', 'flip': '-tta'}.get(args.tta, f'-tta-{args.tta}')
 
   results = evaluate(trained, batches, args.tta)
   for message in skipped:
@@ -138,11 +142,10 @@ def _main(args) -> int:
   png_path = os.path.join(out_dir, f'{slug}-confusion.png')
   with open(json_path, 'w') as f:
     json.dump(results, f, indent=2)
+  tta = f', {args.tta} TTA' if args.tta != 'none' else ''
   plots.confusion_matrix(np.asarray(results['confusion_matrix']), trained.class_names, png_path,
-                         title=f'{source_name}, step {trained.step}' + (', flip TTA' if args.tta
-                                                                         else ''))
-  print(f'evaluated {args.workdir} checkpoint step {trained.step} on {source_name}'
-        + (' with flip TTA' if args.tta else ''))
+                         title=f'{source_name}, step {trained.step}{tta}')
+  print(f'evaluated {args.workdir} checkpoint step {trained.step} on {source_name}{tta}')
   print(format_report(results, trained.class_names))
   print(f'wrote {json_path} and {png_path}')
   return 0

@@ -258,19 +258,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
                   make_batch: Callable[[Any, jax.Array], dict] | None = None,
-                  steps_per_call: int = 1) -> tuple[Step | DeviceSteps, Step]:
+                  steps_per_call: int = 1, eval_tta: str = 'none'
+                  ) -> tuple[Step | DeviceSteps, Step]:
   """(train, eval) steps for `strategy`; the train step is compiled now for `local_batch`'s shape.
 
   The train step donates the state it is given, which must be laid out as `state_shardings`.
   With `make_batch(inputs, step)` (device-resident data, 'jit' only) the train step takes those
   replicated device inputs in place of a batch and makes the batch itself, split over the mesh;
   with `steps_per_call` > 1 it can also run that many steps in one call (`lax.scan`).
+  The eval step averages over the test-time augmentations `eval_tta` (steps.tta_logits).
   """
   check_strategy(strategy, mesh)
   shardings = state_shardings(state, mesh)
   batch = batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
-  eval_fn = jax.jit(eval_step, in_shardings=(shardings, batch), out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(eval_step, tta=eval_tta), in_shardings=(shardings, batch), out_shardings=replicated)
   local_shards = batch_shards(mesh) // jax.process_count()
   abstract_state = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

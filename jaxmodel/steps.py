@@ -101,12 +101,41 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict) -> dict:
+TTA_MODES = ('none', 'flip', 'flip_translate')
+
+
+def tta_logits(apply_fn: Callable, variables: dict, images: jax.Array, tta: str = 'none'
+               ) -> jax.Array:
+  """Eval logits of (B, H, W, C) images, averaged over test-time augmentations.
+
+  'flip': the mean over the images and their mirror images. 'flip_translate' (airbench's): half
+  that, half the same over the images translated by one pixel up-left and down-right (reflect
+  padded): 6 forward passes.
+  """
+  if tta not in TTA_MODES:
+    raise ValueError(f'unknown test-time augmentation {tta!r}; choose from {TTA_MODES}')
+  logits = lambda x: apply_fn(variables, x, train=False)
+  with_flip = lambda x: (logits(x) + logits(x[:, :, ::-1])) / 2
+  if tta == 'none':
+    return logits(images)
+  if tta == 'flip':
+    return with_flip(images)
+  h, w = images.shape[1:3]
+  padded = jnp.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  translated = (with_flip(padded[:, :h, :w]) + with_flip(padded[:, 2:, 2:])) / 2
+  return (with_flip(images) + translated) / 2
+
+
+def eval_step(state: TrainState, batch: dict, tta: str = 'none') -> dict:
   """Sums of loss and correct predictions over the unmasked examples, and their count.
 
-  Sums (not means) let a caller add batches up so every example counts exactly once.
+  Sums (not means) let a caller add batches up so every example counts exactly once. `tta`
+  averages image models' logits over test-time augmentations (see tta_logits).
   """
-  logits = state.apply_fn(state.variables(), model_inputs(batch), train=False)
+  if tta != 'none':
+    logits = tta_logits(state.apply_fn, state.variables(), model_inputs(batch), tta)
+  else:
+    logits = state.apply_fn(state.variables(), model_inputs(batch), train=False)
   # A sequence's mask covers each of its positions: count and sum over (B,) or (B, T).
   mask = batch['mask'].reshape(batch['mask'].shape + (1,) * (batch['label'].ndim - 1))
   mask = jnp.broadcast_to(mask, batch['label'].shape).astype(jnp.float32)

@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.strategy', 'parallel.mesh.data',
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
-                     'distributed.process_id', 'steps_per_dispatch')
+                     'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks')
 
 
 def enable_compilation_cache() -> str:
@@ -186,6 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         process_index=jax.process_index(), process_count=process_count, **decode)
 
   fingerprint = config_lib.fingerprint(config)
+  init_seconds = 0.0
   if manager.latest_step() is not None:
     state = checkpoint.restore(manager, state, train_iter,
                                check_config=lambda saved: check_resumable(workdir, config, saved))
@@ -198,8 +199,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           + (f'; re-initialized {", ".join(sorted(fresh))} (not there with this shape, e.g. '
              f'another class count)' if fresh else ''), flush=True)
   else:
-    sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
-    state = state.replace(params=models.init_from_data(model, state.params, sample))
+    if config.data.on_device:  # in memory already
+      sample = lambda: np.asarray(augment.normalize(train_arrays['image'][:5000]))
+    else:
+      sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
+    init_start = time.perf_counter()
+    params = models.init_from_data(model, state.params, sample)
+    # The optimizer state afresh: a lookahead average must start from these params.
+    state = state.replace(params=params, opt_state=tx.init(params))
+    init_seconds = time.perf_counter() - init_start  # airbench counts its whitening init
   if is_main:  # only now: a refused resume leaves the old config.json alone
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config_lib.to_json(config))
@@ -217,7 +225,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   batch = next(inputs)
   compile_start = time.perf_counter()
   train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch,
-                                             make_batch, config.steps_per_dispatch)
+                                             make_batch, config.steps_per_dispatch,
+                                             'none' if vocab else config.eval_tta)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   print(f'compiled the train step in {compile_seconds:.1f} s '
@@ -227,8 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   progress = metrics_lib.Progress(total_steps, step, enabled=is_main)
   stopper = metrics_lib.EarlyStopping(config.best_metric, config.early_stopping_patience,
                                       config.early_stopping_min_delta)
-  for record in metrics_lib.read_evaluations(workdir, step):  # a resumed run's evaluations
+  evaluations = metrics_lib.read_evaluations(workdir, step)  # a resumed run's
+  for record in evaluations:
     stopper.update(record['step'], record[f'eval_{config.best_metric}'])
+  # Training time so far (data-dependent init and train steps; not compiling, not evaluating).
+  seconds_before = (evaluations[-1].get('train_seconds', 0.0) if evaluations
+                    else init_seconds)
   if stopper.should_stop:
     print(f'early stopping had ended this run at step {step}; nothing left to train', flush=True)
   profile_steps = config_lib.profile_range(config.profile_steps) if config.profile_steps else None
@@ -270,7 +283,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       evaluated = end_of_epoch or step == total_steps
       if evaluated:
         eval_metrics = evaluate(eval_fn, state, eval_batches())
-        writer.write(step, {f'eval_{k}': v for k, v in eval_metrics.items() if k != 'count'})
+        record = ({f'eval_{k}': v for k, v in eval_metrics.items() if k != 'count'}
+                  | {'train_seconds': seconds_before + train_seconds})
+        writer.write(step, record)
+        evaluations.append({'step': step, **record})
         progress.write(f'epoch {step / steps_per_epoch:.2f} step {step}: validation accuracy '
                        f'{eval_metrics["accuracy"]:.4f} loss {eval_metrics["loss"]:.4f}')
         interval_start = time.perf_counter()  # evaluation time is not training time
@@ -313,6 +329,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       'train_images_per_second': trained_images / train_seconds if train_seconds else None,
       'compile_seconds': compile_seconds, 'flops_per_step': flops_per_step,
       'stopped_early': stopper.should_stop, 'best_step': stopper.best_step,
+      'seconds_to_accuracy': {
+          f'{mark:g}': next((r.get('train_seconds') for r in evaluations
+                             if r['eval_accuracy'] >= mark), None)
+          for mark in config.accuracy_marks},
   }
   if vocab:  # per character: positions are the examples of a language model
     summary['eval_bits_per_character'] = eval_metrics['loss'] / np.log(2)
@@ -331,6 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     print(f'final validation accuracy {summary["eval_accuracy"]:.4f} '
           f'({summary["eval_examples"]} examples) | wall time {summary["wall_seconds"]:.0f} s | '
           + (f'{rate:.0f} images/s' if rate else 'no steps left to train'), flush=True)
+    if summary['seconds_to_accuracy']:
+      print('training time to validation accuracy: ' + ', '.join(
+          f'{mark}: ' + (f'{seconds:.0f} s' if seconds is not None else 'not reached')
+          for mark, seconds in summary['seconds_to_accuracy'].items()), flush=True)
     if vocab:
       print(f'validation loss {summary["eval_loss"]:.4f} nats = '
             f'{summary["eval_bits_per_character"]:.3f} bits per character', flush=True)

@@ -8,6 +8,7 @@ weights, re-initializing what does not fit (a classifier head for another number
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 
 from jaxmodel import checkpoint, data, models, optim
-from jaxmodel.steps import create_train_state, get_loss
+from jaxmodel.steps import create_train_state, get_loss, tta_logits
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -63,17 +64,11 @@ class Trained:
   step: int
   workdir: str
 
-  def logits_fn(self, tta: bool = False):
-    """A jitted (variables, normalized images (B, H, W, C)) -> logits; with `tta`, the mean of the
-    logits of the images and of their mirror images."""
-    model = self.model
-
-    def logits(variables, images):
-      out = model.apply(variables, images, train=False)
-      if tta:
-        out = (out + model.apply(variables, images[:, :, ::-1], train=False)) / 2
-      return out
-    return jax.jit(logits)
+  def logits_fn(self, tta: bool | str = False):
+    """A jitted (variables, normalized images (B, H, W, C)) -> logits; `tta` True is 'flip' (the
+    mean over the images and their mirror images), or a mode of steps.tta_logits."""
+    tta = {True: 'flip', False: 'none'}.get(tta, tta)
+    return jax.jit(functools.partial(tta_logits, self.model.apply, tta=tta))
 
   def loss_fn(self):
     return get_loss(self.config.loss, self.config.label_smoothing)

@@ -11,6 +11,7 @@ import pytest
 
 from jaxmodel import (create_train_state, cross_entropy_loss, eval_step, get_loss, get_model,
                       mse_loss, train_step)
+from jaxmodel.steps import tta_logits
 
 
 def _batch(n=16, seed=0):
@@ -84,6 +85,28 @@ def test_eval_step_counts_only_unmasked_examples():
   assert float(sums['count']) == 7
   np.testing.assert_allclose(float(sums['loss_sum']), float(jnp.sum(losses)), rtol=1e-5)
   assert float(sums['correct']) == float(jnp.sum(jnp.argmax(logits, -1) == batch['label'][:7]))
+
+
+def test_test_time_augmentation_averages_airbenchs_six_views():
+  state, batch = _state('mlp', hidden=(16,)), _batch(3)
+  images = batch['image']
+  logits = lambda x: np.asarray(state.apply_fn(state.variables(), x, train=False))
+  with_flip = lambda x: (logits(x) + logits(x[:, :, ::-1])) / 2
+  padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='reflect')
+  views = {'none': logits(images), 'flip': with_flip(images),
+           'flip_translate': with_flip(images) / 2 + (with_flip(padded[:, :-2, :-2])
+                                                      + with_flip(padded[:, 2:, 2:])) / 4}
+  for tta, expected in views.items():
+    got = jax.jit(functools.partial(tta_logits, state.apply_fn, tta=tta))(state.variables(),
+                                                                          images)
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(views['flip_translate'], views['none'], atol=1e-3)
+  sums = jax.jit(functools.partial(eval_step, tta='flip_translate'))(
+      state, {**batch, 'mask': np.ones(3, bool)})
+  np.testing.assert_allclose(float(sums['loss_sum']), float(jnp.sum(cross_entropy_loss(
+      views['flip_translate'], batch['label']))), rtol=1e-5)
+  with pytest.raises(ValueError, match='flip_translate'):
+    tta_logits(state.apply_fn, state.variables(), images, 'rotate')
 
 
 def test_losses_match_their_formulas():
