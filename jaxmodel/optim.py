@@ -57,7 +57,8 @@ def lookahead_average(every: int, decay: Callable[[jax.Array], jax.Array]
   then params <- average. Chain it last; it sees the final updates and rewrites them on sync steps.
   """
   def init(params):
-    return LookaheadState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.asarray, params))
+    # Its own buffers, not the params': a train step donates both.
+    return LookaheadState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
 
   def update(updates, state, params):
     count = state.count + 1

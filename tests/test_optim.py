@@ -105,3 +105,16 @@ def test_lookahead_averages_every_n_steps_as_airbench_does():
       net = average.copy()
     np.testing.assert_allclose(params['w'], net, rtol=1e-5, err_msg=f'step {step}')
   assert not np.allclose(net, [1.0, -3.0])  # it trained
+
+
+def test_lookahead_state_survives_a_donating_train_step():
+  from jaxmodel import create_train_state, get_model, train_step
+  config = _config(name='sgd', learning_rate=0.1, momentum=0.9, schedule='constant',
+                   lookahead_every=2)
+  state = create_train_state(get_model('mlp', hidden=(8,)), make_optimizer(config, 4),
+                             jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0))
+  batch = {'image': jnp.ones((2, 4, 4, 3)), 'label': jnp.array([0, 1])}
+  step = jax.jit(train_step, donate_argnums=0)  # params and the average are separate buffers
+  for _ in range(2):
+    state, metrics = step(state, batch)
+  assert int(state.step) == 2 and np.isfinite(float(metrics['loss']))
