@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_tutorial import load_split  # noqa: E402  (after the path insert)
+from torch_tutorial import add_data_arguments, load_split  # noqa: E402  (after the path insert)
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -288,11 +288,7 @@ def load(args) -> tuple[torch.Tensor, ...]:
 
 def parse_args(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--dataset', default='cifar10_jpeg')
-  parser.add_argument('--data_dir', default=os.environ.get('TFDS_DATA_DIR')
-                      or os.path.expanduser('~/tensorflow_datasets'))
-  parser.add_argument('--train_split', default='train[:90%]')
-  parser.add_argument('--eval_split', default='train[90%:]')
+  add_data_arguments(parser)
   parser.add_argument('--max_train', type=int, default=0, help='first N train images (0: all)')
   parser.add_argument('--max_eval', type=int, default=0,
                       help='first N eval images (0: all); smoke runs, as TTA costs 6 passes')

@@ -73,13 +73,18 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
   return x.sub_(0.5).div_(0.5).contiguous()
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+  """The dataset flags, with jaxmodel's defaults (the splits its CIFAR configs train on)."""
   parser.add_argument('--dataset', default='cifar10_jpeg')
   parser.add_argument('--data_dir', default=os.environ.get('TFDS_DATA_DIR')
                       or os.path.expanduser('~/tensorflow_datasets'))
   parser.add_argument('--train_split', default='train[:90%]')
   parser.add_argument('--eval_split', default='train[90%:]')
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  add_data_arguments(parser)
   parser.add_argument('--epochs', type=int, default=2)
   parser.add_argument('--batch_size', type=int, default=4)
   parser.add_argument('--seed', type=int, default=0)
