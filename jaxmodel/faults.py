@@ -75,13 +75,12 @@ def check_finite(history: list[dict], first_step: int) -> None:
   An entry holds one step's metrics, or several steps' stacked."""
   step = first_step
   for metrics in jax.device_get(history):
-    losses = np.ravel(metrics['loss'])
-    for offset in range(len(losses)):
-      for name in ('loss', 'grad_norm'):
-        value = float(np.ravel(metrics.get(name, np.zeros(len(losses))))[offset])
-        if not math.isfinite(value):
-          raise NonFiniteError(f'{name} is {value} at step {step + offset}')
-    step += len(losses)
+    values = {name: np.ravel(metrics[name]) for name in ('loss', 'grad_norm') if name in metrics}
+    for offset in range(len(values['loss'])):
+      for name, per_step in values.items():
+        if not math.isfinite(per_step[offset]):
+          raise NonFiniteError(f'{name} is {float(per_step[offset])} at step {step + offset}')
+    step += len(values['loss'])
 
 
 @jax.jit

@@ -106,7 +106,8 @@ TTA_MODES = ('none', 'flip', 'flip_translate')
 
 def tta_logits(apply_fn: Callable, variables: dict, images: jax.Array, tta: str = 'none'
                ) -> jax.Array:
-  """Eval logits of (B, H, W, C) images, averaged over test-time augmentations.
+  """Eval logits of (B, H, W, C) images, averaged over test-time augmentations ('none': the
+  model's logits of any input, token ids too).
 
   'flip': the mean over the images and their mirror images. 'flip_translate' (airbench's): half
   that, half the same over the images translated by one pixel up-left and down-right (reflect
@@ -132,10 +133,7 @@ def eval_step(state: TrainState, batch: dict, tta: str = 'none') -> dict:
   Sums (not means) let a caller add batches up so every example counts exactly once. `tta`
   averages image models' logits over test-time augmentations (see tta_logits).
   """
-  if tta != 'none':
-    logits = tta_logits(state.apply_fn, state.variables(), model_inputs(batch), tta)
-  else:
-    logits = state.apply_fn(state.variables(), model_inputs(batch), train=False)
+  logits = tta_logits(state.apply_fn, state.variables(), model_inputs(batch), tta)
   # A sequence's mask covers each of its positions: count and sum over (B,) or (B, T).
   mask = batch['mask'].reshape(batch['mask'].shape + (1,) * (batch['label'].ndim - 1))
   mask = jnp.broadcast_to(mask, batch['label'].shape).astype(jnp.float32)
