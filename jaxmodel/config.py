@@ -103,7 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = config_dict.placeholder(int)
   config.distributed.process_id = config_dict.placeholder(int)
 
-  config.compilation_cache = True  # JAX's persistent compile cache in ~/.cache/jaxmodel/xla
+  config.compilation_cache = True  # executables kept in ~/.cache/jaxmodel (compile_cache.py)
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # and at the end of training
   config.keep_checkpoints = 3

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxmodel import compile_cache
 from jaxmodel.steps import eval_step, train_step
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -258,7 +259,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
                   make_batch: Callable[[Any, jax.Array], dict] | None = None,
-                  steps_per_call: int = 1, eval_tta: str = 'none'
+                  steps_per_call: int = 1, eval_tta: str = 'none',
+                  compiler: Callable[[Any, tuple, str], Any] = compile_cache.compile_plain
                   ) -> tuple[Step | DeviceSteps, Step]:
   """(train, eval) steps for `strategy`; the train step is compiled now for `local_batch`'s shape.
 
@@ -267,6 +269,7 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
   replicated device inputs in place of a batch and makes the batch itself, split over the mesh;
   with `steps_per_call` > 1 it can also run that many steps in one call (`lax.scan`).
   The eval step averages over the test-time augmentations `eval_tta` (steps.tta_logits).
+  `compiler(jitted, args, name)` compiles the train steps (compile_cache.Compiler: across runs).
   """
   check_strategy(strategy, mesh)
   shardings = state_shardings(state, mesh)
@@ -288,11 +291,11 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
       return jax.lax.scan(lambda state, _: step_on_device_data(state, inputs), state,
                           length=steps_per_call)
 
-    compile = lambda fn: jax.jit(fn, in_shardings=(shardings, replicated),
-                                 out_shardings=(shardings, replicated), donate_argnums=0
-                                 ).lower(abstract_state, local_batch).compile()
-    many = compile(steps_on_device_data) if steps_per_call > 1 else None
-    return (DeviceSteps(compile(step_on_device_data), many, steps_per_call),
+    compile = lambda fn, name: compiler(
+        jax.jit(fn, in_shardings=(shardings, replicated), out_shardings=(shardings, replicated),
+                donate_argnums=0), (abstract_state, local_batch), name)
+    many = compile(steps_on_device_data, f'{steps_per_call} steps') if steps_per_call > 1 else None
+    return (DeviceSteps(compile(step_on_device_data, 'step'), many, steps_per_call),
             Step(eval_fn, batch, pad_to=local_shards))
   if strategy == 'jit':
     step = train_step
@@ -306,7 +309,7 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]),
                                            v.dtype, sharding=batch)
                    for k, v in local_batch.items()}
-  compiled = train_fn.lower(abstract_state, global_shapes).compile()
+  compiled = compiler(train_fn, (abstract_state, global_shapes), f'{strategy} step')
   return Step(compiled, batch), Step(eval_fn, batch, pad_to=local_shards)
 
 

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmodel import checkpoint, config as config_lib, data, device_data, faults, models, optim
+from jaxmodel import checkpoint, compile_cache, config as config_lib, data, device_data, faults
+from jaxmodel import models, optim
 from jaxmodel import metrics as metrics_lib
 from jaxmodel import parallel, plots, text, trained
 from jaxmodel.steps import TrainState, create_train_state, eval_step, get_loss, train_step
@@ -27,15 +28,6 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
                      'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks')
-
-
-def enable_compilation_cache() -> str:
-  """Turns on JAX's persistent compilation cache in the user's cache dir; returns the dir."""
-  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.expanduser('~/.cache')
-  path = os.path.join(cache_home, 'jaxmodel', 'xla')
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-  return path
 
 
 class TrainError(RuntimeError):
@@ -111,7 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   preemption = preemption or faults.Preemption()  # not installed: never requested
   wall_start = time.perf_counter()
   if config.compilation_cache:
-    enable_compilation_cache()
+    compile_cache.enable_xla_cache()
   parallel.initialize_distributed(config.distributed)  # before anything touches the devices
   is_main = jax.process_index() == 0
   unwritable = faults.check_writable(workdir)
@@ -224,13 +216,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       device_batches, train_arrays, step)
   batch = next(inputs)
   compile_start = time.perf_counter()
+  compiler = compile_cache.compile_plain
+  if config.compilation_cache:  # what the step depends on beyond its arguments and the code
+    compiler = compile_cache.Compiler(
+        [config_lib.to_json(config), len(train_source), total_steps, model_kwargs],
+        mesh.devices.flat)
   train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch,
                                              make_batch, config.steps_per_dispatch,
-                                             'none' if vocab else config.eval_tta)
+                                             'none' if vocab else config.eval_tta, compiler)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
-  print(f'compiled the train step in {compile_seconds:.1f} s '
-        f'({flops_per_step / 1e9:.2f} GFLOP per step)', flush=True)
+  loaded = getattr(compiler, 'loaded', [])
+  print(f'compiled the train step in {compile_seconds:.2f} s ({flops_per_step / 1e9:.2f} GFLOP '
+        f'per step{"; loaded as saved by an earlier run" if loaded else ""})', flush=True)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, step, enabled=is_main)

@@ -49,9 +49,13 @@ def _final_arrays(workdir, step):
 
 
 @pytest.fixture(scope='module')
-def finished_run(cifar_small, tmp_path_factory):
+def cache_home(tmp_path_factory):
+  return tmp_path_factory.mktemp('cache')
+
+
+@pytest.fixture(scope='module')
+def finished_run(cifar_small, tmp_path_factory, cache_home):
   workdir = str(tmp_path_factory.mktemp('run'))
-  cache_home = tmp_path_factory.mktemp('cache')
   stdout = _train(cifar_small, workdir, cache_home=cache_home)
   assert os.listdir(cache_home / 'jaxmodel' / 'xla'), 'the compilation cache stayed empty'
   return workdir, stdout
@@ -86,7 +90,7 @@ def test_cli_run_writes_config_metrics_and_tensorboard(finished_run):
 
 
 def test_resume_continues_at_the_right_step_to_the_same_model(finished_run, cifar_small,
-                                                             tmp_path):
+                                                             tmp_path, cache_home):
   workdir, _ = finished_run
   interrupted = str(tmp_path / 'interrupted')
   shutil.copytree(workdir, interrupted)
@@ -94,8 +98,9 @@ def test_resume_continues_at_the_right_step_to_the_same_model(finished_run, cifa
   for step in ('48', '64'):
     shutil.rmtree(os.path.join(interrupted, 'checkpoints', step))
   os.remove(os.path.join(interrupted, 'summary.json'))
-  stdout = _train(cifar_small, interrupted)
+  stdout = _train(cifar_small, interrupted, cache_home=cache_home)
   assert f'resumed from {interrupted} at step 32' in stdout
+  assert 'loaded as saved by an earlier run' in stdout  # the step's executable, not retraced
   summary = json.load(open(os.path.join(interrupted, 'summary.json')))
   assert summary['step'] == STEPS_PER_EPOCH * EPOCHS
   # Same batches, same augmentation, same randomness: bitwise the same final model.
