@@ -8,6 +8,7 @@ Eval: every example exactly once, the last batch padded and masked.
 """
 
 import dataclasses
+import functools
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -80,22 +81,27 @@ class Preprocess:
   flip: bool = False
 
   def augment(self, images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random crops of the padded images, then random horizontal flips."""
     n, h, w, _ = images.shape
     if self.crop_padding:
       p = self.crop_padding
       padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)), mode=self.pad_mode)
       dy, dx = rng.integers(0, 2 * p + 1, size=(2, n))
-      rows = dy[:, None] + np.arange(h)  # (n, h)
-      cols = dx[:, None] + np.arange(w)  # (n, w)
-      images = padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+      # Every h x w window of every image, as a view; picking one per image copies only those.
+      windows = np.lib.stride_tricks.sliding_window_view(padded, (h, w), axis=(1, 2))
+      images = windows[np.arange(n), dy, dx].transpose(0, 2, 3, 1)  # (n, c, h, w) -> NHWC
     if self.flip:
       flips = rng.random(n) < 0.5
-      images = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
+      if not self.crop_padding:  # flipped in place below: not the caller's array
+        images = images.copy()
+      images[flips] = images[flips, :, ::-1]
     return images
 
   def normalize(self, images: np.ndarray) -> np.ndarray:
     scale = 1 / (255 * np.asarray(self.std, np.float32))
-    return (images.astype(np.float32) - 255 * np.asarray(self.mean, np.float32)) * scale
+    normalized = np.subtract(images, 255 * np.asarray(self.mean, np.float32), dtype=np.float32)
+    normalized *= scale  # in place: two passes over the batch, no temporaries
+    return normalized
 
   def train(self, batch: dict, rng: np.random.Generator) -> dict:
     return {'image': self.normalize(self.augment(batch['image'], rng)), 'label': batch['label']}
@@ -107,6 +113,18 @@ class Preprocess:
 def _image_and_label(example: dict) -> dict:
   return {'image': np.asarray(example['image'], np.uint8),
           'label': np.asarray(example['label'], np.int32)}
+
+
+def _read_batch(source: Any, decode: Callable[[dict], dict], indices: np.ndarray) -> dict:
+  """Examples `indices` of `source`, decoded and stacked.
+
+  TFDS sources read a list of records in one call (`__getitems__`), 2x faster than one by one.
+  """
+  indices = [int(i) for i in indices]
+  getitems = getattr(source, '__getitems__', None)
+  examples = getitems(indices) if getitems else [source[i] for i in indices]
+  decoded = [decode(example) for example in examples]
+  return {k: np.stack([d[k] for d in decoded]) for k in decoded[0]}
 
 
 def preprocess_from_config(config: Any, train: bool) -> Preprocess:
@@ -127,11 +145,13 @@ def train_dataset(source: Any, preprocess: Preprocess, batch_size: int, *, seed:
   """
   # Equal shards, so every process runs the same number of steps per epoch.
   per_process = len(source) // process_count
-  shard = grain.MapDataset.source(source)[process_index::process_count][:per_process]
+  shard = grain.MapDataset.range(len(source))[process_index::process_count][:per_process]
   if len(shard) < batch_size:
     raise DataError(f'the train split has {len(shard)} examples per process, fewer than one batch '
                     f'of {batch_size}; lower --config.batch_size or widen --config.train_split')
-  ds = (shard.shuffle(seed=seed).map(decode).batch(batch_size, drop_remainder=True)
+  # Indices are shuffled and batched, then each batch is read at once.
+  ds = (shard.shuffle(seed=seed).batch(batch_size, drop_remainder=True)
+        .map(functools.partial(_read_batch, source, decode))
         .random_map(preprocess.train, seed=seed).repeat(None))
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
   if num_workers > 0:
@@ -151,8 +171,9 @@ def eval_batches(source: Any, preprocess: Preprocess, batch_size: int, *, proces
   process yields the same number of batches (a fully masked one where its share is shorter), as
   a step over a multi-process array needs all processes.
   """
-  shard = grain.MapDataset.source(source)[process_index::process_count]
-  ds = shard.map(decode).batch(batch_size, drop_remainder=False).map(preprocess.eval)
+  shard = grain.MapDataset.range(len(source))[process_index::process_count]
+  ds = (shard.batch(batch_size, drop_remainder=False)
+        .map(functools.partial(_read_batch, source, decode)).map(preprocess.eval))
   largest_share = -(-len(source) // process_count)
   num_batches = -(-largest_share // batch_size)
   for batch in ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2)):

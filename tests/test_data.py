@@ -1,6 +1,7 @@
 """The Grain pipeline: deterministic, resumable, shape- and range-preserving, exact in eval."""
 
 import chex
+import grain
 import numpy as np
 import pytest
 
@@ -80,6 +81,56 @@ def test_augmentation_keeps_shapes_range_and_crops_from_the_padded_image():
   assert normalized.dtype == np.float32
   np.testing.assert_allclose(normalized.min(), (0 - 0.5) / 0.25)
   np.testing.assert_allclose(normalized.max(), (1 - 0.5) / 0.25)
+
+
+@pytest.mark.parametrize('pad_mode,crop_padding,flip', [
+    ('constant', 4, True), ('reflect', 2, True), ('constant', 3, False), ('constant', 0, True)])
+def test_augmentation_is_the_per_image_crop_and_flip_of_its_draws(pad_mode, crop_padding, flip):
+  images = np.random.default_rng(0).integers(0, 256, (16, 12, 10, 3), dtype=np.uint8)
+  before = images.copy()
+  preprocess = data.Preprocess(mean=(0.5,) * 3, std=(0.25,) * 3, crop_padding=crop_padding,
+                               pad_mode=pad_mode, flip=flip)
+  out = preprocess.augment(images, np.random.default_rng(5))
+  draws = np.random.default_rng(5)  # the same draws, in the same order, one image at a time
+  p = crop_padding
+  dy, dx = draws.integers(0, 2 * p + 1, size=(2, 16)) if p else (np.zeros(16, int),) * 2
+  flips = draws.random(16) < 0.5 if flip else np.zeros(16, bool)
+  for i, image in enumerate(images):
+    padded = np.pad(image, ((p, p), (p, p), (0, 0)), mode=pad_mode)
+    expected = padded[dy[i]:dy[i] + 12, dx[i]:dx[i] + 10]
+    np.testing.assert_array_equal(out[i], expected[:, ::-1] if flips[i] else expected)
+  np.testing.assert_array_equal(images, before)  # the input is left alone
+  mean, std = np.float32(0.5 * 255), np.float32(0.25 * 255)
+  np.testing.assert_allclose(preprocess.normalize(out), (out.astype(np.float32) - mean) / std,
+                             rtol=1e-6, atol=1e-6)
+
+
+class BatchedSource(ArraySource):
+  """An ArraySource that also reads a list of examples at once, as TFDS sources do."""
+
+  def __init__(self, n):
+    super().__init__(n)
+    self.batched_reads = 0
+
+  def __getitems__(self, indices):
+    self.batched_reads += 1
+    return [self[i] for i in indices]
+
+
+@pytest.mark.parametrize('source_type', [ArraySource, BatchedSource])
+def test_batches_are_grains_per_example_pipeline_read_a_batch_at_a_time(source_type):
+  source = source_type(45)
+  preprocess = data.Preprocess(mean=(0.2,) * 3, std=(0.3,) * 3, crop_padding=2, flip=True)
+  for process_index in (0, 1):
+    batches = _take(iter(data.train_dataset(source, preprocess, 4, seed=7,
+                                            process_index=process_index, process_count=2)), 12)
+    # The plain composition: shard, shuffle, decode each example, batch, augment the batch.
+    plain = (grain.MapDataset.source(source)[process_index::2][:22].shuffle(seed=7)
+             .map(data._image_and_label).batch(4, drop_remainder=True)
+             .random_map(preprocess.train, seed=7).repeat(None))
+    chex.assert_trees_all_equal(batches, [plain[i] for i in range(12)])
+  if source_type is BatchedSource:
+    assert source.batched_reads >= 24
 
 
 def test_no_augmentation_leaves_images_alone():
