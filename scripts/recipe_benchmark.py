@@ -2,6 +2,7 @@
 
   python scripts/recipe_benchmark.py --data_dir /tmp/tfds_full [--repeats 3]
                                      [--programs jaxmodel,pytorch,bare] [--out experiments/F.md]
+                                     [--config cifar --set num_epochs=1 ...]
 
 Each round runs the programs one after another, each in a fresh process and alone on the machine:
 - jaxmodel: `python -m jaxmodel.train --config=seed_tutorial` (the whole loop: data, metrics,
@@ -29,19 +30,23 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAMS = ('jaxmodel', 'pytorch', 'bare')
 
 
-def bare_worker(config_spec: str, data_dir: str) -> dict:
+def bare_worker(config_spec: str, data_dir: str, overrides: list[str]) -> dict:
   import jax
   from jaxmodel import data, device_data, models, optim, parallel, steps
-  from jaxmodel.config import load_config
+  from jaxmodel.config import load_config, override
 
   config = load_config(config_spec)
+  for setting in overrides:
+    override(config, *setting.split('=', 1))
   source, info = data.open_split(config.dataset, config.train_split, data_dir)
   mesh = parallel.make_mesh(config.parallel.mesh)
   batches = device_data.TrainBatches(len(source), config.batch_size, config.seed,
                                      device_data.augment_from_config(config))
   arrays = jax.device_put(device_data.load_split(source), parallel.replicated(mesh))
   total_steps = batches.steps_per_epoch * config.num_epochs
-  model = models.get_model(config.model.name, num_classes=info.features['label'].num_classes)
+  model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}  # as the trainer's
+  model = models.get_model(config.model.name, num_classes=info.features['label'].num_classes,
+                           **model_kwargs)
   tx = optim.make_optimizer(config.optimizer, total_steps)
   example = jax.numpy.zeros((config.batch_size, *info.features['image'].shape))
   state = parallel.create_state(lambda: steps.create_train_state(
@@ -71,13 +76,14 @@ def run(program: str, args) -> dict:
   with tempfile.TemporaryDirectory() as tmp:
     if program == 'jaxmodel':
       command = [sys.executable, '-m', 'jaxmodel.train', f'--config={args.config}',
-                 f'--workdir={tmp}/run', f'--config.data_dir={args.data_dir}']
+                 f'--workdir={tmp}/run', f'--config.data_dir={args.data_dir}',
+                 *[f'--config.{setting}' for setting in args.set]]
     elif program == 'pytorch':
       command = [sys.executable, os.path.join(HERE, 'torch_tutorial.py'),
                  f'--data_dir={args.data_dir}', f'--out={tmp}/torch.json']
     else:
       command = [sys.executable, os.path.abspath(__file__), '--worker', f'--config={args.config}',
-                 f'--data_dir={args.data_dir}']
+                 f'--data_dir={args.data_dir}', *[f'--set={setting}' for setting in args.set]]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
       sys.stderr.write(done.stderr[-3000:])
@@ -117,12 +123,14 @@ def main(argv=None) -> None:
   parser.add_argument('--programs', default=','.join(PROGRAMS))
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', help='also append the table and its command to this markdown file')
+  parser.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                      help='a config override for jaxmodel and bare (e.g. num_epochs=1); repeatable')
   parser.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if not args.data_dir:
     parser.error('give --data_dir (or set TFDS_DATA_DIR): the prepared dataset\'s directory')
   if args.worker:
-    print(json.dumps(bare_worker(args.config, args.data_dir)))
+    print(json.dumps(bare_worker(args.config, args.data_dir, args.set)))
     return
   programs = [p for p in args.programs.split(',') if p]
   if set(programs) - set(PROGRAMS):
