@@ -129,3 +129,37 @@ def test_an_executable_jaxs_own_cache_served_is_compiled_afresh_to_save_it(tmp_p
   assert run('second')[0] == '[]'  # another key, the same program: JAX's cache has it
   loaded = run('second')
   assert loaded == ["['jit", "step']", first[-1]]
+
+
+_MESH_RUN = '''
+import sys, jax, numpy as np
+from jaxmodel import compile_cache, parallel
+import test_compile_cache as t
+devices = jax.devices()
+mesh = parallel.make_mesh({'data': 2, 'fsdp': 4, 'tensor': 1},
+                          [devices[i] for i in (3, 1, 0, 2, 7, 5, 4, 6)])
+state, batch = t._state_and_batch()
+batch = {k: np.concatenate([v, v[::-1]]) for k, v in batch.items()}  # 16 rows: 2 per device
+state = parallel.put(state, parallel.state_shardings(state, mesh))
+compiler = compile_cache.Compiler(['mesh'], mesh.devices.flat, sys.argv[1])
+train_fn, _ = parallel.compile_steps('jit', mesh, state, batch, compiler=compiler)
+state, _ = train_fn(state, batch)
+state, _ = train_fn(state, batch)
+kernel = state.params['Dense_0']['kernel']
+print(compiler.loaded, kernel.sharding.spec, float(np.abs(np.asarray(kernel)).sum()))
+'''
+
+
+def test_a_loaded_executable_keeps_the_meshs_device_order(tmp_path):
+  def run():
+    result = subprocess.run(
+        [sys.executable, '-c', _MESH_RUN, str(tmp_path)], capture_output=True, text=True,
+        timeout=300, cwd=os.path.dirname(__file__),
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu',
+             'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+  compiled, loaded = run(), run()
+  assert compiled.startswith('[]') and loaded.startswith("['jit step']")
+  assert compiled.split(']', 1)[1] == loaded.split(']', 1)[1]  # same sharding, same kernel
