@@ -8,8 +8,9 @@ Two layers, both in the user's cache dir ($XDG_CACHE_HOME/jaxmodel, else ~/.cach
                 caller's description (config, dataset size, ...), the arguments' shapes, dtypes
                 and shardings, the devices, the library versions, JAX's flags and XLA_FLAGS.
                 A hit skips tracing too.
-Code changed at run time outside jaxmodel's files (monkeypatching a library, say) is not in the
-key: run such experiments with config.compilation_cache=False.
+Code outside jaxmodel that changes without a version change (a monkeypatch, an edited file in
+site-packages) is not in the key: run such experiments with config.compilation_cache=False, or
+delete the directory. Several processes (jax.distributed) always compile.
 """
 
 import contextlib
