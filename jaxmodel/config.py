@@ -103,6 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.num_processes = config_dict.placeholder(int)
   config.distributed.process_id = config_dict.placeholder(int)
 
+  # The model's forward and backward passes: 'float32', or 'bfloat16' on float32 master params
+  # (GPU/TPU; on this CPU it measured no faster, experiments/README.md).
+  config.compute_dtype = 'float32'
   config.compilation_cache = True  # executables kept in ~/.cache/jaxmodel (compile_cache.py)
   config.log_every_steps = 50
   config.checkpoint_every_steps = 1000  # and at the end of training
@@ -296,6 +299,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (opt.schedule in ('constant', 'warmup_cosine', 'warmup_linear'),
        f"optimizer.schedule {opt.schedule!r} is not 'constant', 'warmup_cosine' or "
        f"'warmup_linear'"),
+      (config.compute_dtype in ('float32', 'bfloat16'),
+       f"compute_dtype {config.compute_dtype!r} is not 'float32' or 'bfloat16'"),
       (config.loss in ('cross_entropy', 'mse'), f"loss {config.loss!r} is not 'cross_entropy' or "
                                                 f"'mse'"),
       (not (config.loss == 'mse' and config.label_smoothing > 0),

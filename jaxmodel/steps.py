@@ -8,6 +8,7 @@ on padding examples. A language model's batch has 'tokens' int (B, T) in place o
 positions too, and the mask covers whole sequences.
 """
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -60,14 +61,41 @@ def model_inputs(batch: dict):
   return batch['image'] if 'image' in batch else batch['tokens']
 
 
+@dataclasses.dataclass(frozen=True)
+class MixedPrecisionApply:
+  """`apply` computing in `dtype` (e.g. bfloat16) on float32 variables, which stay the masters.
+
+  Float variables and inputs are cast to `dtype` going in; float outputs (logits, updated
+  BatchNorm statistics) come back as float32, so the state keeps its dtypes and the loss is
+  float32. Gradients flow through the casts to the float32 params.
+  """
+  apply: Callable
+  dtype: str
+
+  def __call__(self, variables, inputs, *args, **kwargs):
+    cast = lambda dtype: lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                                    else x)
+    outputs = self.apply(jax.tree.map(cast(self.dtype), variables),
+                         cast(self.dtype)(jnp.asarray(inputs)), *args, **kwargs)
+    return jax.tree.map(cast(jnp.float32), outputs)
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_images,
-                       rng: jax.Array, loss_fn: Callable = cross_entropy_loss) -> TrainState:
-  """Initializes the model on `example_images` and the optimizer on its params."""
+                       rng: jax.Array, loss_fn: Callable = cross_entropy_loss,
+                       compute_dtype: str = 'float32') -> TrainState:
+  """Initializes the model on `example_images` and the optimizer on its params.
+
+  Params and optimizer state are float32; `compute_dtype` 'bfloat16' runs the model's forward
+  and backward passes in bfloat16 (MixedPrecisionApply).
+  """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, example_images, train=False)
   params = variables.pop('params')
+  apply_fn = model.apply
+  if compute_dtype != 'float32':
+    apply_fn = MixedPrecisionApply(model.apply, compute_dtype)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
-                    opt_state=tx.init(params), rng=state_rng, apply_fn=model.apply, tx=tx,
+                    opt_state=tx.init(params), rng=state_rng, apply_fn=apply_fn, tx=tx,
                     loss_fn=loss_fn)
 
 

@@ -154,7 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_preprocess = data.preprocess_from_config(config, train=False)
     decode = {}
   state = parallel.create_state(
-      lambda: create_train_state(model, tx, example, rng, loss_fn), mesh)
+      lambda: create_train_state(model, tx, example, rng, loss_fn, config.compute_dtype), mesh)
 
   if config.data.on_device:
     if process_count > 1 or vocab:

@@ -132,3 +132,26 @@ def test_mse_loss_trains_too():
   for _ in range(10):
     state, metrics = step(state, batch)
   assert float(metrics['loss']) < float(first['loss'])
+
+
+def test_bfloat16_compute_trains_on_float32_params_close_to_float32():
+  batch = _batch(32)
+  states = {dtype: create_train_state(get_model('seed_cnn'), optax.sgd(0.05, 0.9),
+                                      jnp.zeros((2, 32, 32, 3)), jax.random.PRNGKey(0),
+                                      compute_dtype=dtype)
+            for dtype in ('float32', 'bfloat16')}
+  step = jax.jit(train_step)
+  hlo = step.lower(states['bfloat16'], batch).as_text()
+  assert 'bf16' in hlo and 'bf16' not in step.lower(states['float32'], batch).as_text()
+  losses = {}
+  for dtype, state in states.items():
+    first = None
+    for _ in range(5):
+      state, metrics = step(state, batch)
+      first = first if first is not None else float(metrics['loss'])
+    losses[dtype] = (first, float(metrics['loss']))
+    chex.assert_trees_all_equal_dtypes(state.params, states['float32'].params)  # float32 masters
+  assert losses['bfloat16'][1] < losses['bfloat16'][0]  # it learns
+  np.testing.assert_allclose(losses['bfloat16'], losses['float32'], rtol=0.05)
+  logits = eval_step(state, {**batch, 'mask': np.ones(32, bool)})
+  assert logits['loss_sum'].dtype == jnp.float32
