@@ -17,6 +17,7 @@ CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((2, 11, 11, 3), (5, 5, 3, 2), (2, 2), 'SAME'),  # im2col, strided and padded
     ((2, 10, 10, 2), (3, 3, 2, 4), (2, 2), ((1, 0), (2, 1))),
     ((2, 8, 8, 6), (1, 1, 6, 3), (2, 2), 'SAME'),
+    ((48, 32, 32, 3), (5, 5, 3, 6), (1, 1), 'VALID'),  # im2col from gathered patches
 ]
 
 
@@ -47,6 +48,28 @@ def test_values_and_gradients_match_xla(x_shape, k_shape, strides, padding):
   (ref_value, ref_y), ref_grads = loss(_xla)(x, kernel)
   chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-5)
   chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('x_shape,k_shape,strides,padding', CASES)
+def test_gathered_patches_equal_concatenated_patches(x_shape, k_shape, strides, padding):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=x_shape), jnp.float32)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x_shape[1:3], k_shape[:2], strides, padding)
+  args = (k_shape[:2], strides, tuple(tuple(p) for p in padding))
+  gathered = lambda x: ops._gathered_patches(x, x.shape, *args)
+  concatenated = lambda x: ops._patches_by_concat(x, *args)
+  patches, gathered_vjp = jax.vjp(gathered, x)
+  ref_patches, concatenated_vjp = jax.vjp(concatenated, x)
+  chex.assert_trees_all_equal(patches, ref_patches)
+  cotangent = jnp.asarray(np.random.default_rng(2).normal(size=patches.shape), jnp.float32)
+  chex.assert_trees_all_close(gathered_vjp(cotangent), concatenated_vjp(cotangent), rtol=1e-6)
+
+
+def test_large_narrow_inputs_take_the_gather():
+  hlo = lambda shape: jax.jit(lambda x: ops._patches(x, (5, 5), (1, 1), ((0, 0), (0, 0)))).lower(
+      jnp.zeros(shape)).as_text()
+  assert 'gather' in hlo((48, 32, 32, 3))
+  assert 'gather' not in hlo((4, 32, 32, 3)) and 'gather' not in hlo((48, 32, 32, 8))
 
 
 def test_the_cpu_backward_pass_is_the_patch_matmul():
