@@ -41,9 +41,9 @@ def _patches_by_concat(x, kernel_size, strides, padding):
 def _patches(x, kernel_size, strides, padding):
   """`_patches_by_concat`, computed the faster way for x's size and channels."""
   # For fewer channels than one AVX2 vector (8 floats) the concatenation copies narrow pieces;
-  # one gather of patch rows (kw * C contiguous floats each) ran 1.2x faster on the tutorial CNN
-  # at batch 128. Measured here: slower for small inputs (0.56x at batch 4) and for wide
-  # channels (0.92x on the `cifar` net), so only large, narrow inputs take it.
+  # one gather of patch rows (kw * C contiguous floats each) made the tutorial CNN's step at batch
+  # 128 1.09x faster (1.2x reading its batch on device). Measured here: slower for small inputs
+  # (0.56x at batch 4) and wide channels (0.92x on the `cifar` net), so only these take it.
   if x.shape[-1] >= 8 or x.size * kernel_size[0] * kernel_size[1] < 2**20:
     return _patches_by_concat(x, kernel_size, strides, padding)
   return _gathered_patches(x, x.shape, kernel_size, strides, padding)
@@ -84,12 +84,8 @@ def _im2col_conv(x, kernel, strides, padding):
   """The convolution as one matmul of image patches by the kernel; autodiff gives matmuls too."""
   kh, kw, c_in, c_out = kernel.shape
   patches = _patches(x, (kh, kw), strides, padding)
-  # Zero columns up to a multiple of 8 (AVX2's 8 floats): for the tutorial CNN's 6 the
-  # matmuls ran 1.6x faster alone and its whole step ~1.1x at batch 4 (experiments/).
-  width = -c_out % 8
-  kernel = jnp.pad(kernel.reshape(-1, c_out), ((0, 0), (0, width)))
-  y = (patches.reshape(-1, kh * kw * c_in) @ kernel)[:, :c_out]
-  return y.reshape(*patches.shape[:3], c_out)
+  return (patches.reshape(-1, kh * kw * c_in) @ kernel.reshape(-1, c_out)).reshape(
+      *patches.shape[:3], c_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
