@@ -6,8 +6,9 @@ differentiates max pooling through a slow select-and-scatter (measured in experi
 Drop-ins, chosen at lowering time by `lax.platform_dependent` (GPU and TPU keep XLA's ops):
 - `conv_general_dilated` for `lax.conv_general_dilated` (pass it to
   `nn.Conv(conv_general_dilated=...)`). On CPU, for plain NHWC/HWIO convolutions: kernels of at
-  most 3x3 keep XLA's forward pass but compute the weight gradient as one matmul of image patches
-  by the output gradient; larger kernels run entirely as patches x kernel matmuls (im2col).
+  most 3x3 with outputs larger than 8x8 keep XLA's forward pass but compute the weight gradient
+  as one matmul of image patches by the output gradient; larger kernels and smaller outputs run
+  entirely as patches x kernel matmuls (im2col).
 - `max_pool` for `nn.max_pool` with non-overlapping windows: a reshape and a max, whose gradient
   is a compare and a multiply.
 Set JAXMODEL_XLA_CONV=1 to use XLA's own convolution and pooling on CPU too (for comparisons).
@@ -130,9 +131,13 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
-  # Measured here: up to 3x3, XLA's forward and input gradient beat im2col's (its patches are
-  # kh*kw times the input); beyond, on seed_cnn's 5x5 kernels, im2col won (experiments/).
-  if rhs.shape[0] * rhs.shape[1] <= 9:
+  # Measured here (experiments/): up to 3x3, XLA's forward and input gradient beat im2col's on
+  # large maps (its patches are kh*kw times the input), but on maps of at most 8x8 XLA falls
+  # back to a slow convolution (11 GFLOP/s): im2col made the `cifar` net's step 1.3x faster and
+  # airbench94's 1.08x (ResNet-18 1.00x). On seed_cnn's 5x5 kernels im2col won everywhere.
+  out_h, out_w = [(n + lo + hi - k) // st + 1 for n, k, st, (lo, hi)
+                  in zip(lhs.shape[1:3], rhs.shape[:2], strides, padding)]
+  if rhs.shape[0] * rhs.shape[1] <= 9 and out_h * out_w > 64:
     fast = lambda x, k: _patch_matmul_conv(x, k, strides, padding)
   else:
     fast = lambda x, k: _im2col_conv(x, k, strides, padding)

@@ -73,7 +73,7 @@ def test_large_narrow_inputs_take_the_gather():
 
 
 def test_the_cpu_backward_pass_is_the_patch_matmul():
-  x = jnp.ones((2, 8, 8, 3))
+  x = jnp.ones((2, 12, 12, 3))
   kernel = jnp.ones((3, 3, 3, 4))
   grad_fn = jax.jit(jax.grad(lambda k: jnp.sum(_fast(x, k, (1, 1), 'SAME'))))
   hlo = grad_fn.lower(kernel).compile().as_text()
@@ -89,6 +89,14 @@ def test_other_convolutions_fall_back_to_xla():
                                feature_group_count=2)
   chex.assert_trees_all_close(y, lax.conv_general_dilated(
       x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
+
+
+def test_small_outputs_run_as_matmuls_on_cpu():
+  loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
+  compiled = lambda x: jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
+      x, jnp.ones((3, 3, 16, 16))).compile().as_text()
+  assert 'convolution(' not in compiled(jnp.ones((2, 8, 8, 16)))  # 8x8 outputs: im2col
+  assert 'convolution(' in compiled(jnp.ones((2, 9, 9, 16)))  # XLA's forward and input gradient
 
 
 def test_large_kernels_run_as_matmuls_on_cpu():
