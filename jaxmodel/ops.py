@@ -43,8 +43,8 @@ def _patches(x, kernel_size, strides, padding):
   """`_patches_by_concat`, computed the faster way for x's size and channels."""
   # For fewer channels than one AVX2 vector (8 floats) the concatenation copies narrow pieces;
   # one gather of patch rows (kw * C contiguous floats each) made the tutorial CNN's step at batch
-  # 128 1.09x faster (1.2x reading its batch on device). Measured here: slower for small inputs
-  # (0.56x at batch 4) and wide channels (0.92x on the `cifar` net), so only these take it.
+  # 128 1.09x faster (1.2x reading its batch on device). It was slower for small inputs (0.56x at
+  # batch 4) and for wide channels (0.92x on the `cifar` net): only large, narrow inputs take it.
   if x.shape[-1] >= 8 or x.size * kernel_size[0] * kernel_size[1] < 2**20:
     return _patches_by_concat(x, kernel_size, strides, padding)
   return _gathered_patches(x, x.shape, kernel_size, strides, padding)
