@@ -45,7 +45,8 @@ def _patches(x, kernel_size, strides, padding):
   # one gather of patch rows (kw * C contiguous floats each) made the tutorial CNN's step at batch
   # 128 1.09x faster (1.2x reading its batch on device). It was slower for small inputs (0.56x at
   # batch 4) and for wide channels (0.92x on the `cifar` net): only large, narrow inputs take it.
-  if x.shape[-1] >= 8 or x.size * kernel_size[0] * kernel_size[1] < 2**20:
+  size = x.size * kernel_size[0] * kernel_size[1]
+  if x.shape[-1] >= 8 or not isinstance(size, int) or size < 2**20:  # not int: a symbolic batch
     return _patches_by_concat(x, kernel_size, strides, padding)
   return _gathered_patches(x, x.shape, kernel_size, strides, padding)
 
@@ -137,7 +138,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   # airbench94's 1.08x (ResNet-18 1.00x). On seed_cnn's 5x5 kernels im2col won everywhere.
   out_h, out_w = [(n + lo + hi - k) // st + 1 for n, k, st, (lo, hi)
                   in zip(lhs.shape[1:3], rhs.shape[:2], strides, padding)]
-  if rhs.shape[0] * rhs.shape[1] <= 9 and out_h * out_w > 64:
+  small_output = isinstance(out_h * out_w, int) and out_h * out_w <= 64
+  if rhs.shape[0] * rhs.shape[1] <= 9 and not small_output:
     fast = lambda x, k: _patch_matmul_conv(x, k, strides, padding)
   else:
     fast = lambda x, k: _im2col_conv(x, k, strides, padding)

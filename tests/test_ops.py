@@ -72,6 +72,18 @@ def test_large_narrow_inputs_take_the_gather():
   assert 'gather' not in hlo((4, 32, 32, 3)) and 'gather' not in hlo((48, 32, 32, 8))
 
 
+@pytest.mark.parametrize('k_shape', [(5, 5, 3, 6), (3, 3, 3, 6)])
+def test_a_symbolic_batch_exports(k_shape):
+  # jax.export with a symbolic batch: size rules cannot compare it, so they take the plain path.
+  kernel = jnp.asarray(np.random.default_rng(0).normal(size=k_shape), jnp.float32)
+  conv = jax.jit(lambda x: _fast(x, kernel, (1, 1), 'SAME'))
+  batch, = jax.export.symbolic_shape('b')
+  exported = jax.export.export(conv)(jax.ShapeDtypeStruct((batch, 8, 8, 3), jnp.float32))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 3)), jnp.float32)
+  chex.assert_trees_all_close(exported.call(x), _xla(x, kernel, (1, 1), 'SAME'), rtol=1e-5,
+                              atol=1e-5)
+
+
 def test_the_cpu_backward_pass_is_the_patch_matmul():
   x = jnp.ones((2, 12, 12, 3))
   kernel = jnp.ones((3, 3, 3, 4))
