@@ -133,9 +133,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
   padding = tuple(tuple(p) for p in padding)
   # Measured here (experiments/): up to 3x3, XLA's forward and input gradient beat im2col's on
-  # large maps (its patches are kh*kw times the input), but on maps of at most 8x8 XLA falls
-  # back to a slow convolution (11 GFLOP/s): im2col made the `cifar` net's step 1.3x faster and
-  # airbench94's 1.08x (ResNet-18 1.00x). On seed_cnn's 5x5 kernels im2col won everywhere.
+  # large maps (its patches are kh*kw times the input). On small maps they lose: XLA ran the
+  # `cifar` net's 2x2 map as a generic convolution at 11 GFLOP/s, and im2col on outputs of at
+  # most 8x8 made that net's step 1.3x faster, airbench94's 1.08x (ResNet-18 1.00x); 16x16 and
+  # beyond lost on airbench94. On seed_cnn's 5x5 kernels im2col won everywhere.
   out_h, out_w = [(n + lo + hi - k) // st + 1 for n, k, st, (lo, hi)
                   in zip(lhs.shape[1:3], rhs.shape[:2], strides, padding)]
   small_output = isinstance(out_h * out_w, int) and out_h * out_w <= 64
