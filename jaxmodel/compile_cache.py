@@ -48,7 +48,8 @@ def enable_xla_cache() -> str:
 def _source_digest() -> str:
   """A digest of jaxmodel's own source: editing any module invalidates every executable."""
   digest = hashlib.sha256()
-  for path in sorted(pathlib.Path(__file__).parent.glob('*.py')):
+  for path in sorted([*pathlib.Path(__file__).parent.glob('*.py'),
+                      *pathlib.Path(__file__).parent.glob('*.cc')]):
     digest.update(path.name.encode() + b'\0' + path.read_bytes())
   return digest.hexdigest()
 
@@ -64,7 +65,8 @@ def _environment() -> list:
                  if k != 'jax_compilation_cache_dir')
   env = sorted((k, v) for k, v in os.environ.items()
                if v and (k == 'XLA_FLAGS' or k.startswith('JAXMODEL_')))
-  return [sys.version, versions, flags, env, _source_digest()]
+  from jaxmodel import onednn  # whether the convolutions are oneDNN's changes the program
+  return [sys.version, versions, flags, env, _source_digest(), onednn.available()]
 
 
 def _describe(tree: Any) -> list:
@@ -160,11 +162,17 @@ def _save(compiled: jax.stages.Compiled, in_tree: Any, state_tree: Any, path: st
     data = pickle.dumps((payload, metrics_template))  # PyTreeDefs do not unpickle usably
   except (ValueError, NotImplementedError, TypeError, pickle.PicklingError):
     return  # e.g. an executable with closed-over constants
-  os.makedirs(os.path.dirname(path), exist_ok=True)
   temporary = f'{path}.{os.getpid()}.tmp'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-  os.replace(temporary, path)
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(temporary, 'wb') as f:
+      f.write(data)
+    os.replace(temporary, path)
+  except OSError as error:  # a cache is optional: training goes on, the next run compiles again
+    with contextlib.suppress(OSError):
+      os.remove(temporary)
+    print(f'not caching the executable in {os.path.dirname(path)}: {error}', flush=True)
+    return
   saved = sorted(pathlib.Path(path).parent.glob('*.pkl'), key=lambda p: p.stat().st_mtime)
   for old in saved[:-_KEEP_EXECUTABLES]:
     old.unlink(missing_ok=True)

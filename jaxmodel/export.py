@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmodel import ops
 from jaxmodel import trained as trained_lib
 
 
@@ -37,8 +38,9 @@ def export(trained: trained_lib.Trained, batch_size: int | None = None,
     return model.apply(variables, (images.astype(jnp.float32) - mean) * scale, train=False)
 
   batch = jax.export.symbolic_shape('batch')[0] if batch_size is None else batch_size
-  exported = jax.export.export(jax.jit(logits), platforms=platforms)(
-      jax.ShapeDtypeStruct((batch, h, w, c), jnp.uint8))
+  with ops.portable():  # XLA's own convolutions: the artifact must run without jaxmodel
+    exported = jax.export.export(jax.jit(logits), platforms=platforms)(
+        jax.ShapeDtypeStruct((batch, h, w, c), jnp.uint8))
   spec = {
       'format': 'jax.export',
       'input': {'shape': ['batch' if batch_size is None else batch_size, h, w, c],

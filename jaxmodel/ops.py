@@ -5,15 +5,20 @@ kernels over few channels (the tutorial CNN's 5x5 over 3 and 6) at a few GFLOP/s
 differentiates max pooling through a slow select-and-scatter (measured in experiments/).
 Drop-ins, chosen at lowering time by `lax.platform_dependent` (GPU and TPU keep XLA's ops):
 - `conv_general_dilated` for `lax.conv_general_dilated` (pass it to
-  `nn.Conv(conv_general_dilated=...)`). On CPU, for plain NHWC/HWIO convolutions: kernels of at
+  `nn.Conv(conv_general_dilated=...)`). On CPU, plain NHWC/HWIO float32 convolutions run on
+  oneDNN (jaxmodel.onednn) when it is built. Otherwise, and for other dtypes: kernels of at
   most 3x3 with outputs larger than 8x8 keep XLA's forward pass but compute the weight gradient
   as one matmul of image patches by the output gradient; larger kernels and smaller outputs run
-  entirely as patches x kernel matmuls (im2col).
+  entirely as patches x kernel matmuls (im2col). `portable()` keeps library kernels out of a
+  trace (for jax.export).
 - `max_pool` for `nn.max_pool` with non-overlapping windows: a reshape and a max, whose gradient
   is a compare and a multiply.
-Set JAXMODEL_XLA_CONV=1 to use XLA's own convolution and pooling on CPU too (for comparisons).
+Set JAXMODEL_XLA_CONV=1 to use XLA's own convolution and pooling on CPU too (for comparisons),
+JAXMODEL_ONEDNN=0 for the patch paths.
 """
 
+import contextlib
+import contextvars
 import functools
 import os
 
@@ -21,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from jaxmodel import onednn
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -140,11 +147,33 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   out_h, out_w = [(n + lo + hi - k) // st + 1 for n, k, st, (lo, hi)
                   in zip(lhs.shape[1:3], rhs.shape[:2], strides, padding)]
   small_output = isinstance(out_h * out_w, int) and out_h * out_w <= 64
-  if rhs.shape[0] * rhs.shape[1] <= 9 and not small_output:
+  if _use_onednn(lhs, rhs, strides):
+    fast = lambda x, k: onednn.conv(x, k, strides, padding)
+  elif rhs.shape[0] * rhs.shape[1] <= 9 and not small_output:
     fast = lambda x, k: _patch_matmul_conv(x, k, strides, padding)
   else:
     fast = lambda x, k: _im2col_conv(x, k, strides, padding)
   return lax.platform_dependent(lhs, rhs, cpu=fast, default=xla)
+
+
+_portable = contextvars.ContextVar('portable', default=False)
+
+
+@contextlib.contextmanager
+def portable():
+  """Traces inside use no library kernels (oneDNN): for programs saved to run elsewhere."""
+  token = _portable.set(True)
+  try:
+    yield
+  finally:
+    _portable.reset(token)
+
+
+def _use_onednn(lhs, rhs, strides) -> bool:
+  return (lhs.dtype == rhs.dtype == jnp.float32 and not _portable.get()
+          and onednn.supports(rhs.shape, strides)
+          and all(isinstance(n, int) for n in lhs.shape)  # not a symbolic batch
+          and os.environ.get('JAXMODEL_ONEDNN') != '0' and onednn.available())
 
 
 def _reshape_max_pool(x, window):

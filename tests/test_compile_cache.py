@@ -87,6 +87,16 @@ def test_another_description_shape_or_corrupt_file_compiles_afresh(tmp_path, cap
   assert repaired.loaded == ['jit step']
 
 
+def test_a_cache_that_cannot_be_written_does_not_stop_training(tmp_path, capsys):
+  state, batch = _state_and_batch()
+  (tmp_path / 'executables').write_text('a file where the cache dir should be')
+  compiler = compile_cache.Compiler(['mlp', 8], jax.devices()[:1], str(tmp_path / 'executables'))
+  train_fn, state = _compile(state, batch, compiler)
+  assert 'not caching the executable' in capsys.readouterr().out
+  new_state, metrics = train_fn(state, batch)
+  assert int(new_state.step) == 1 and np.isfinite(metrics['loss'])
+
+
 def test_the_key_covers_jaxmodels_source_and_xla_flags(monkeypatch):
   args = (jax.ShapeDtypeStruct((4, 3), jnp.float32),)
   key = compile_cache.program_key(['x'], args, jax.devices()[:1])

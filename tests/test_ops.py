@@ -1,4 +1,8 @@
-"""The fast-on-CPU convolution and pooling compute what XLA's do, values and gradients."""
+"""The fast-on-CPU convolution and pooling compute what XLA's do, values and gradients.
+
+On CPU the convolutions run on oneDNN (jaxmodel.onednn); without it (JAXMODEL_ONEDNN=0, or
+no compiler) on image patches and matmuls. Both paths are tested.
+"""
 
 import chex
 import jax
@@ -8,7 +12,7 @@ import flax.linen as nn
 import pytest
 from jax import lax
 
-from jaxmodel import ops
+from jaxmodel import onednn, ops
 
 CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((4, 9, 9, 3), (3, 3, 3, 5), (1, 1), 'SAME'),
@@ -32,11 +36,24 @@ def _fast(x, kernel, strides, padding):
   return ops.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC)
 
 
+@pytest.fixture
+def without_onednn(monkeypatch):
+  """The patch-and-matmul convolutions, which run where oneDNN does not (read at trace time)."""
+  monkeypatch.setenv('JAXMODEL_ONEDNN', '0')
+
+
+def test_onednn_is_built_here():
+  # CI's machines are x86-64 Linux with a compiler: the oneDNN path must not silently fall back.
+  assert onednn.available()
+
+
+@pytest.mark.parametrize('path', ['onednn', 'patches'])
 @pytest.mark.parametrize('x_shape,k_shape,strides,padding', CASES)
-def test_values_and_gradients_match_xla(x_shape, k_shape, strides, padding):
+def test_values_and_gradients_match_xla(x_shape, k_shape, strides, padding, path, monkeypatch):
+  if path == 'patches':
+    monkeypatch.setenv('JAXMODEL_ONEDNN', '0')
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=k_shape), jnp.float32)
+  x, kernel = rng.normal(size=x_shape), rng.normal(size=k_shape)
 
   def loss(conv):
     def f(x, kernel):
@@ -44,10 +61,13 @@ def test_values_and_gradients_match_xla(x_shape, k_shape, strides, padding):
       return jnp.sum(jnp.sin(y)), y
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
-  (value, y), grads = loss(_fast)(x, kernel)
-  (ref_value, ref_y), ref_grads = loss(_xla)(x, kernel)
-  chex.assert_trees_all_close(y, ref_y, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(grads, ref_grads, rtol=1e-4, atol=1e-4)
+  (_, y), grads = loss(_fast)(jnp.float32(x), jnp.float32(kernel))
+  with jax.enable_x64():  # the reference in float64: both float32 paths round, differently
+    (_, ref_y), ref_grads = jax.tree.map(np.asarray, loss(_xla)(jnp.float64(x), jnp.float64(kernel)))
+  for leaf, reference in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((ref_y, ref_grads))):
+    # Float32 error grows with the sums' lengths (up to 37,632 terms here): scale by magnitude.
+    chex.assert_trees_all_close(leaf, reference.astype(np.float32), rtol=1e-5,
+                                atol=1e-5 * np.abs(reference).max())
 
 
 @pytest.mark.parametrize('x_shape,k_shape,strides,padding', CASES)
@@ -84,7 +104,35 @@ def test_a_symbolic_batch_exports(k_shape):
                               atol=1e-5)
 
 
-def test_the_cpu_backward_pass_is_the_patch_matmul():
+def _custom_calls(hlo):
+  return [target for target in onednn._TARGETS if f'jaxmodel_conv_{target}' in hlo]
+
+
+def test_cpu_convolutions_run_on_onednn():
+  loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
+  args = jnp.ones((2, 9, 9, 16)), jnp.ones((3, 3, 16, 16))
+  hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+  assert _custom_calls(hlo) == ['forward', 'input_grad', 'kernel_grad']
+  assert 'convolution(' not in hlo
+  with ops.portable():  # e.g. jax.export: no library kernels in programs saved to run elsewhere
+    hlo = jax.jit(loss).lower(*args).as_text()
+  assert not _custom_calls(hlo) and 'convolution' in hlo
+  half = jax.jit(loss).lower(*[a.astype(jnp.bfloat16) for a in args]).as_text()
+  assert not _custom_calls(half)  # float32 only: other dtypes take the other paths
+  strided_1x1 = jax.jit(lambda x, k: _fast(x, k, (2, 2), 'SAME')).lower(
+      jnp.ones((2, 8, 8, 6)), jnp.ones((1, 1, 6, 3))).as_text()
+  assert not _custom_calls(strided_1x1)  # see onednn.supports
+
+
+def test_onednn_convolutions_vmap():
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(3, 2, 7, 7, 4)), jnp.float32)
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)), jnp.float32)
+  conv = lambda conv_fn: jax.jit(jax.vmap(lambda x: conv_fn(x, kernel, (1, 1), 'SAME')))
+  chex.assert_trees_all_close(conv(_fast)(x), conv(_xla)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpu_backward_pass_is_the_patch_matmul(without_onednn):
   x = jnp.ones((2, 12, 12, 3))
   kernel = jnp.ones((3, 3, 3, 4))
   grad_fn = jax.jit(jax.grad(lambda k: jnp.sum(_fast(x, k, (1, 1), 'SAME'))))
@@ -103,7 +151,7 @@ def test_other_convolutions_fall_back_to_xla():
       x, kernel, (1, 1), 'SAME', dimension_numbers=NHWC, feature_group_count=2))
 
 
-def test_small_outputs_run_as_matmuls_on_cpu():
+def test_small_outputs_run_as_matmuls_on_cpu(without_onednn):
   loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
   compiled = lambda x: jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(
       x, jnp.ones((3, 3, 16, 16))).compile().as_text()
@@ -111,7 +159,7 @@ def test_small_outputs_run_as_matmuls_on_cpu():
   assert 'convolution(' in compiled(jnp.ones((2, 9, 9, 16)))  # XLA's forward and input gradient
 
 
-def test_large_kernels_run_as_matmuls_on_cpu():
+def test_large_kernels_run_as_matmuls_on_cpu(without_onednn):
   grad_fn = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME'))),
                              argnums=(0, 1)))
   hlo = grad_fn.lower(jnp.ones((2, 8, 8, 3)), jnp.ones((5, 5, 3, 4))).compile().as_text()
@@ -137,7 +185,10 @@ def test_max_pool_matches_flax(shape, window):
 @pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
                                          ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2}),
                                          ('seed_cnn', {})])
-def test_models_train_the_same_with_xla_convolutions(name, kwargs, monkeypatch):
+@pytest.mark.parametrize('path', ['onednn', 'patches'])
+def test_models_train_the_same_with_xla_convolutions(name, kwargs, path, monkeypatch):
+  if path == 'patches':
+    monkeypatch.setenv('JAXMODEL_ONEDNN', '0')
   from jaxmodel import cross_entropy_loss, get_model
   model = get_model(name, **kwargs)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 32, 32, 3)), jnp.float32)

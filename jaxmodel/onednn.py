@@ -1,0 +1,142 @@
+"""Convolutions on CPU by oneDNN, the library PyTorch's CPU convolutions run on, through jax.ffi.
+
+XLA:CPU's convolutions train 1.5-6x slower than oneDNN's on the CPUs we measured
+(experiments/README.md). `conv(x, kernel, strides, padding)` computes the forward pass and both
+gradients with oneDNN primitives: NHWC float32 images, an HWIO float32 kernel, no dilation, one
+group. It is called from jitted code like any op; jaxmodel.ops chooses it on CPU.
+
+The handlers (onednn_conv.cc, next to this file) are compiled once with the C++ compiler ($CXX,
+else g++) against jaxlib's FFI headers and the oneDNN wheels (onednn-cpu-gomp and its -devel
+headers, dependencies on x86-64 Linux), and kept in the user's cache dir. `available()` says
+whether that worked; if not, jaxmodel warns once and uses XLA's convolutions.
+JAXMODEL_ONEDNN=0 turns the oneDNN path off.
+"""
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import warnings
+
+import jax
+import numpy as np
+from jax import lax
+
+from jaxmodel import compile_cache
+
+_SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
+_TARGETS = {'forward': 'JaxmodelConvForward', 'input_grad': 'JaxmodelConvInputGrad',
+            'kernel_grad': 'JaxmodelConvKernelGrad'}
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+_SHARED_MIN_MACS = 2**22
+
+
+def _package_dir(distribution: str, suffix: str) -> pathlib.Path:
+  """The directory of the file ending in `suffix` that `distribution` installed."""
+  for file in importlib.metadata.files(distribution) or ():
+    if str(file).endswith(suffix):
+      path = pathlib.Path(file.locate()).resolve()
+      return path.parents[len(pathlib.PurePath(suffix).parts) - 1]
+  raise FileNotFoundError(f'{distribution} has no {suffix}')
+
+
+def _build() -> pathlib.Path:
+  """The compiled handlers, built into the cache dir unless an identical build is there."""
+  lib_dir = _package_dir('onednn-cpu-gomp', 'libdnnl.so')
+  include_dir = _package_dir('onednn-devel-cpu-gomp', 'oneapi/dnnl/dnnl.hpp')
+  compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
+  if not compiler:
+    raise FileNotFoundError('no C++ compiler: install g++ or set CXX')
+  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w', str(_SOURCE),
+             f'-I{jax.ffi.include_dir()}', f'-I{include_dir}', f'-L{lib_dir}', '-ldnnl',
+             f'-Wl,-rpath,{lib_dir}']
+  key = hashlib.sha256(repr([_SOURCE.read_bytes(), command, importlib.metadata.version('jaxlib'),
+                             importlib.metadata.version('onednn-cpu-gomp')]).encode())
+  path = pathlib.Path(compile_cache.cache_dir(), 'onednn', key.hexdigest()[:16],
+                      'libjaxmodel_conv.so')
+  if not path.exists():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f'.{os.getpid()}.tmp')  # concurrent builds each write their own
+    done = subprocess.run([*command, '-o', str(temporary)], capture_output=True, text=True)
+    if done.returncode != 0:
+      errors = [line for line in done.stderr.splitlines() if 'error' in line] or ['(no message)']
+      raise RuntimeError(f'{compiler} could not build {_SOURCE.name}: {errors[0].strip()}')
+    os.replace(temporary, path)
+  return path
+
+
+@functools.cache
+def available() -> bool:
+  """Whether the oneDNN handlers are built and registered with JAX (built at the first call)."""
+  if os.environ.get('JAXMODEL_ONEDNN') == '0':
+    return False
+  if not (sys.platform == 'linux' and 'cpu' in {d.platform for d in jax.devices('cpu')}):
+    return False
+  try:
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+  except (OSError, RuntimeError, ImportError) as error:
+    warnings.warn(f'jaxmodel: oneDNN convolutions are off, XLA\'s run instead (slower on CPU): '
+                  f'{error}. Set JAXMODEL_ONEDNN=0 to silence this.', stacklevel=2)
+    return False
+  for name, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(f'jaxmodel_conv_{name}', jax.ffi.pycapsule(getattr(library, symbol)),
+                                platform='cpu')
+  return True
+
+
+def supports(kernel_shape: tuple, strides: tuple) -> bool:
+  """Whether `conv` is right for this kernel (HWIO) and strides."""
+  # oneDNN 3.2's backward pass of a strided 1x1 convolution wrote past the end of the image
+  # gradient (channels not a multiple of 8, NHWC): a heap corruption. Those stay with XLA.
+  return not (kernel_shape[0] == kernel_shape[1] == 1 and any(s > 1 for s in strides))
+
+
+def _threads(x, kernel) -> int:
+  """1 for convolutions too small to share, else 0: all of OpenMP's threads."""
+  # Measured on 2 cores (experiments/README.md): the tutorial CNN's step at batch 4 ran 1.2x
+  # faster with its convolutions on one thread, 0.89x on two; at batch 128 two were 1.3x faster.
+  macs = x.size * kernel.shape[0] * kernel.shape[1] * kernel.shape[3]  # ~ the forward's, x stride^2
+  return 1 if macs < _SHARED_MIN_MACS else 0
+
+
+def _call(name: str, result: jax.ShapeDtypeStruct, *operands, strides, padding, threads):
+  # 'sequential': under vmap, one call per example of the mapped axis.
+  return jax.ffi.ffi_call(f'jaxmodel_conv_{name}', result, vmap_method='sequential')(
+      *operands, strides=np.asarray(strides, np.int64), threads=np.int64(threads),
+      pad_lo=np.asarray([lo for lo, _ in padding], np.int64),
+      pad_hi=np.asarray([hi for _, hi in padding], np.int64))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv(x: jax.Array, kernel: jax.Array, strides: tuple, padding: tuple) -> jax.Array:
+  """`lax.conv_general_dilated(x, kernel, strides, padding)` for NHWC x and an HWIO kernel.
+
+  `padding` is ((low, high), (low, high)). Call `available()` and `supports` first.
+  """
+  result = jax.eval_shape(
+      lambda x, k: lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_NHWC),
+      x, kernel)
+  return _call('forward', result, x, kernel, strides=strides, padding=padding,
+               threads=_threads(x, kernel))
+
+
+def _forward(x, kernel, strides, padding):
+  return conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _backward(strides, padding, residuals, grad):
+  x, kernel = residuals
+  as_struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  threads = _threads(x, kernel)
+  return (_call('input_grad', as_struct(x), grad, kernel, strides=strides, padding=padding,
+                threads=threads),
+          _call('kernel_grad', as_struct(kernel), x, grad, strides=strides, padding=padding,
+                threads=threads))
+
+
+conv.defvjp(_forward, _backward)

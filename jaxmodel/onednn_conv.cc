@@ -1,0 +1,232 @@
+// XLA FFI handlers that run 2-D convolutions with oneDNN: the forward pass and both gradients of
+// a convolution of NHWC float32 images by an HWIO float32 kernel (no dilation, one group).
+//
+// oneDNN is the CPU convolution library PyTorch uses; XLA:CPU's own convolutions are several
+// times slower on this kind of CPU (experiments/README.md). jaxmodel/onednn.py builds this file
+// and calls it from jitted code through jax.ffi.
+//
+// Each handler takes the geometry from its buffers' shapes and its attributes, finds (or makes
+// once, then caches) the oneDNN primitive for it, and reorders between our layouts and the
+// layouts the primitive prefers when they differ.
+
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <omp.h>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum Pass { kForward = 0, kInputGrad = 1, kKernelGrad = 2 };
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// A primitive and the layouts it wants for the image, the kernel and the output (or their
+// gradients, by pass).
+struct Plan {
+  dnnl::primitive conv;
+  memory::desc image, kernel, output, scratchpad;
+  memory::desc user_image, user_kernel, user_output;
+};
+
+using Key = std::vector<int64_t>;
+
+const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image, const memory::dims& kernel,
+                    const memory::dims& output, const memory::dims& strides,
+                    const memory::dims& pad_lo, const memory::dims& pad_hi) {
+  static std::mutex mutex;
+  static std::map<Key, std::unique_ptr<Plan>> plans;
+  Key key = {pass, threads};
+  for (const auto* dims : {&image, &kernel, &output, &strides, &pad_lo, &pad_hi}) {
+    key.insert(key.end(), dims->begin(), dims->end());
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = plans.find(key);
+  if (found != plans.end()) return *found->second;
+
+  using tag = memory::format_tag;
+  const auto f32 = memory::data_type::f32;
+  auto plan = std::make_unique<Plan>();
+  plan->user_image = memory::desc(image, f32, tag::nhwc);
+  plan->user_kernel = memory::desc(kernel, f32, tag::hwio);
+  plan->user_output = memory::desc(output, f32, tag::nhwc);
+  // Activations stay NHWC (no reorder of the big tensors); the kernel takes whatever blocked
+  // layout the implementation prefers.
+  const memory::desc any_kernel(kernel, f32, tag::any);
+  const auto algorithm = dnnl::algorithm::convolution_direct;
+  // XLA runs independent thunks concurrently, and oneDNN's own scratchpad is shared between
+  // primitives: each call brings its own.
+  dnnl::primitive_attr attributes;
+  attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  dnnl::convolution_forward::primitive_desc forward(
+      Engine(), dnnl::prop_kind::forward_training, algorithm, plan->user_image, any_kernel,
+      plan->user_output, strides, pad_lo, pad_hi, attributes);
+  if (pass == kForward) {
+    plan->conv = dnnl::convolution_forward(forward);
+    plan->image = forward.src_desc();
+    plan->kernel = forward.weights_desc();
+    plan->output = forward.dst_desc();
+    plan->scratchpad = forward.scratchpad_desc();
+  } else if (pass == kInputGrad) {
+    dnnl::convolution_backward_data::primitive_desc backward(
+        Engine(), algorithm, plan->user_image, any_kernel, plan->user_output, strides, pad_lo,
+        pad_hi, forward, attributes);
+    plan->conv = dnnl::convolution_backward_data(backward);
+    plan->scratchpad = backward.scratchpad_desc();
+    plan->image = backward.diff_src_desc();
+    plan->kernel = backward.weights_desc();
+    plan->output = backward.diff_dst_desc();
+  } else {
+    dnnl::convolution_backward_weights::primitive_desc backward(
+        Engine(), algorithm, plan->user_image, any_kernel, plan->user_output, strides, pad_lo,
+        pad_hi, forward, attributes);
+    plan->conv = dnnl::convolution_backward_weights(backward);
+    plan->scratchpad = backward.scratchpad_desc();
+    plan->image = backward.src_desc();
+    plan->kernel = backward.diff_weights_desc();
+    plan->output = backward.diff_dst_desc();
+  }
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+// oneDNN's dims are (N, C, H, W) and (O, I, H, W) whatever the layout in memory.
+memory::dims ImageDims(ffi::Span<const int64_t> nhwc) {
+  return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]};
+}
+
+memory::dims KernelDims(ffi::Span<const int64_t> hwio) {
+  return {hwio[3], hwio[2], hwio[0], hwio[1]};
+}
+
+memory::dims ToDims(ffi::Span<const int64_t> values) {
+  return memory::dims(values.begin(), values.end());
+}
+
+// Whether every pixel of the padded image is in some window (strides can leave the last out).
+bool CoversImage(ffi::Span<const int64_t> image_nhwc, ffi::Span<const int64_t> kernel_hwio,
+                 ffi::Span<const int64_t> strides, ffi::Span<const int64_t> pad_lo,
+                 ffi::Span<const int64_t> pad_hi) {
+  for (int axis = 0; axis < 2; ++axis) {
+    int64_t span = image_nhwc[axis + 1] + pad_lo[axis] + pad_hi[axis] - kernel_hwio[axis];
+    if (span % strides[axis] != 0) return false;
+  }
+  return true;
+}
+
+// Runs `pass` on user buffers (image, kernel, output), two of them inputs and one the result.
+ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, void* kernel,
+               ffi::Span<const int64_t> kernel_shape, void* output,
+               ffi::Span<const int64_t> output_shape, ffi::Span<const int64_t> strides,
+               ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
+               int64_t threads) {
+  if (image_shape.size() != 4 || kernel_shape.size() != 4 || output_shape.size() != 4) {
+    return ffi::Error::InvalidArgument("oneDNN conv: expected NHWC images and an HWIO kernel");
+  }
+  // Small convolutions run faster on the calling thread alone: waking OpenMP's other thread
+  // costs more than it saves, and it competes with XLA's threads. 0: all of OpenMP's threads.
+  static const int all_threads = omp_get_max_threads();
+  omp_set_num_threads(threads > 0 ? threads : all_threads);
+  try {
+    const Plan& plan = GetPlan(pass, threads, ImageDims(image_shape), KernelDims(kernel_shape),
+                               ImageDims(output_shape), ToDims(strides), ToDims(pad_lo),
+                               ToDims(pad_hi));
+    dnnl::engine& engine = Engine();
+    thread_local dnnl::stream stream(engine);
+    memory user_image(plan.user_image, engine, image);
+    memory user_kernel(plan.user_kernel, engine, kernel);
+    memory user_output(plan.user_output, engine, output);
+    // Which of the three the primitive writes; the other two it reads.
+    memory* written = pass == kForward ? &user_output
+                      : pass == kInputGrad ? &user_image : &user_kernel;
+    auto prepare = [&](memory& user, const memory::desc& wanted) {
+      if (user.get_desc() == wanted) return user;
+      memory converted(wanted, engine);
+      if (&user != written) dnnl::reorder(user, converted).execute(stream, user, converted);
+      return converted;
+    };
+    memory image_memory = prepare(user_image, plan.image);
+    memory kernel_memory = prepare(user_kernel, plan.kernel);
+    memory output_memory = prepare(user_output, plan.output);
+    std::unordered_map<int, memory> arguments;
+    if (pass == kForward) {
+      arguments = {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_WEIGHTS, kernel_memory},
+                   {DNNL_ARG_DST, output_memory}};
+    } else if (pass == kInputGrad) {
+      arguments = {{DNNL_ARG_DIFF_SRC, image_memory}, {DNNL_ARG_WEIGHTS, kernel_memory},
+                   {DNNL_ARG_DIFF_DST, output_memory}};
+    } else {
+      arguments = {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_DIFF_WEIGHTS, kernel_memory},
+                   {DNNL_ARG_DIFF_DST, output_memory}};
+    }
+    arguments[DNNL_ARG_SCRATCHPAD] = memory(plan.scratchpad, engine);
+    if (pass == kInputGrad && !CoversImage(image_shape, kernel_shape, strides, pad_lo, pad_hi)) {
+      // The last rows or columns are in no window: their gradient is 0, which we write.
+      std::memset(image, 0, plan.user_image.get_size());
+    }
+    plan.conv.execute(stream, arguments);
+    memory& result = pass == kForward ? output_memory
+                     : pass == kInputGrad ? image_memory : kernel_memory;
+    if (result.get_data_handle() != written->get_data_handle()) {
+      dnnl::reorder(result, *written).execute(stream, result, *written);
+    }
+    stream.wait();
+  } catch (const dnnl::error& error) {
+    return ffi::Error::Internal(std::string("oneDNN conv: ") + error.what());
+  }
+  return ffi::Error::Success();
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+using Ints = ffi::Span<const int64_t>;
+
+ffi::Error Forward(F32 image, F32 kernel, ffi::ResultBuffer<ffi::F32> output, Ints strides,
+                   Ints pad_lo, Ints pad_hi, int64_t threads) {
+  return Run(kForward, image.untyped_data(), image.dimensions(), kernel.untyped_data(),
+             kernel.dimensions(), output->untyped_data(), output->dimensions(), strides, pad_lo,
+             pad_hi, threads);
+}
+
+ffi::Error InputGrad(F32 output_grad, F32 kernel, ffi::ResultBuffer<ffi::F32> image_grad,
+                     Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads) {
+  return Run(kInputGrad, image_grad->untyped_data(), image_grad->dimensions(),
+             kernel.untyped_data(), kernel.dimensions(), output_grad.untyped_data(),
+             output_grad.dimensions(), strides, pad_lo, pad_hi, threads);
+}
+
+ffi::Error KernelGrad(F32 image, F32 output_grad, ffi::ResultBuffer<ffi::F32> kernel_grad,
+                      Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads) {
+  return Run(kKernelGrad, image.untyped_data(), image.dimensions(), kernel_grad->untyped_data(),
+             kernel_grad->dimensions(), output_grad.untyped_data(), output_grad.dimensions(),
+             strides, pad_lo, pad_hi, threads);
+}
+
+}  // namespace
+
+#define JAXMODEL_CONV_HANDLER(name, impl)                                                   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                                 \
+                                ffi::Ffi::Bind()                                            \
+                                    .Arg<F32>()                                             \
+                                    .Arg<F32>()                                             \
+                                    .Ret<F32>()                                             \
+                                    .Attr<Ints>("strides")                                  \
+                                    .Attr<Ints>("pad_lo")                                   \
+                                    .Attr<Ints>("pad_hi")                                   \
+                                    .Attr<int64_t>("threads"))
+
+JAXMODEL_CONV_HANDLER(JaxmodelConvForward, Forward);
+JAXMODEL_CONV_HANDLER(JaxmodelConvInputGrad, InputGrad);
+JAXMODEL_CONV_HANDLER(JaxmodelConvKernelGrad, KernelGrad);
