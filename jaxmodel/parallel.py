@@ -26,7 +26,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxmodel import compile_cache
+from jaxmodel import compile_cache, onednn
 from jaxmodel.steps import eval_step, train_step
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -230,7 +230,7 @@ class Step:
     return self.fn(state, global_batch(local_batch, self.sharding))
 
   def cost_analysis(self):
-    return self.fn.cost_analysis()
+    return cost_analysis(self.fn)
 
 
 class DeviceSteps:
@@ -250,7 +250,14 @@ class DeviceSteps:
     return self.many(state, inputs)
 
   def cost_analysis(self):  # of one step
-    return self.one.cost_analysis()
+    return cost_analysis(self.one)
+
+
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of `compiled`, its FLOPs including oneDNN's convolutions (unseen by XLA)."""
+  cost = dict(compiled.cost_analysis() or {})
+  cost['flops'] = cost.get('flops', 0.0) + onednn.flops(compiled.as_text())
+  return cost
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

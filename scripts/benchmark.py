@@ -98,8 +98,8 @@ def jax_worker(model_name: str, batch_size: int, spec: dict, seconds: float) -> 
   start = time.perf_counter()
   compiled = jax.jit(jaxmodel.train_step, donate_argnums=0).lower(state, batch).compile()
   compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list in older JAX versions
+  from jaxmodel import parallel
+  cost = parallel.cost_analysis(compiled)  # XLA's, plus oneDNN's convolutions
   holder = [state]
 
   def step():

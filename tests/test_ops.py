@@ -124,6 +124,14 @@ def test_cpu_convolutions_run_on_onednn():
   assert not _custom_calls(strided_1x1)  # see onednn.supports
 
 
+def test_the_flops_of_onednn_convolutions_are_counted():
+  x, kernel = jnp.ones((2, 9, 9, 4)), jnp.ones((3, 3, 4, 5))
+  loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (2, 2), 'SAME')))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  # Forward, input and kernel gradients: each 2 x (outputs 2x5x5x5) x (3x3x4 products per output).
+  assert onednn.flops(hlo) == 3 * 2 * (2 * 5 * 5 * 5) * (3 * 3 * 4)
+
+
 def test_onednn_convolutions_vmap():
   rng = np.random.default_rng(3)
   x = jnp.asarray(rng.normal(size=(3, 2, 7, 7, 4)), jnp.float32)
