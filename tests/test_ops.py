@@ -190,6 +190,14 @@ def test_max_pool_matches_flax(shape, window):
   chex.assert_trees_all_close(overlapping, nn.max_pool(x, (3, 3), (1, 1), 'SAME'))
 
 
+def test_max_pool_shares_the_gradient_of_tied_maxima_as_jax_does():
+  # Ties are common: ReLU zeros, flat image regions through airbench's identity-initialized convs.
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=(2, 6, 6, 3)), jnp.float32)
+  loss = lambda pool: jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)))))
+  plain = lambda x: x.reshape(2, 3, 2, 3, 2, 3).max(axis=(2, 4))  # JAX's own max and gradient
+  chex.assert_trees_all_equal(loss(lambda x: ops.max_pool(x, (2, 2), (2, 2)))(x), loss(plain)(x))
+
+
 @pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
                                          ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2}),
                                          ('seed_cnn', {})])
