@@ -45,9 +45,10 @@ struct Plan {
 
 using Key = std::vector<int64_t>;
 
-const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image, const memory::dims& kernel,
-                    const memory::dims& output, const memory::dims& strides,
-                    const memory::dims& pad_lo, const memory::dims& pad_hi) {
+const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image,
+                    const memory::dims& kernel, const memory::dims& output,
+                    const memory::dims& strides, const memory::dims& pad_lo,
+                    const memory::dims& pad_hi) {
   static std::mutex mutex;
   static std::map<Key, std::unique_ptr<Plan>> plans;
   Key key = {pass, threads};

@@ -63,7 +63,8 @@ def test_values_and_gradients_match_xla(x_shape, k_shape, strides, padding, path
 
   (_, y), grads = loss(_fast)(jnp.float32(x), jnp.float32(kernel))
   with jax.enable_x64():  # the reference in float64: both float32 paths round, differently
-    (_, ref_y), ref_grads = jax.tree.map(np.asarray, loss(_xla)(jnp.float64(x), jnp.float64(kernel)))
+    (_, ref_y), ref_grads = jax.tree.map(np.asarray,
+                                         loss(_xla)(jnp.float64(x), jnp.float64(kernel)))
   for leaf, reference in zip(jax.tree.leaves((y, grads)), jax.tree.leaves((ref_y, ref_grads))):
     # Float32 error grows with the sums' lengths (up to 37,632 terms here): scale by magnitude.
     chex.assert_trees_all_close(leaf, reference.astype(np.float32), rtol=1e-5,
