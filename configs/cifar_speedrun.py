@@ -12,11 +12,11 @@ summed loss), the whitening bias trains throughout (airbench freezes it after 3 
 lookahead averages the params (airbench also averages BatchNorm statistics), and everything is
 float32.
 
-Measured here (experiments/README.md): 1,971,640 params, 706 GFLOP per step of 1,024 by XLA's
-count (645 before small maps ran as im2col matmuls, which also multiply the zero padding); 66 train
-images/s (40% MFU), so the full 10 epochs take ~2 h on this 2-core CPU, and PyTorch's twin runs at
-82-83 images/s. A 3-epoch budget on 5,000 images reached 43.9% (TTA) in 190 s of training
-(PyTorch: 44.3% in 148-150 s). The 85/90/93% marks have not been run here yet.
+Measured here (experiments/README.md): 1,971,640 params, 729 GFLOP per step of 1,024 (XLA's
+count plus the oneDNN convolutions'); 113 train images/s (67% MFU) with the convolutions on
+oneDNN, so the full 10 epochs take ~70 min on this 2-core CPU, and PyTorch's twin runs at 81-83
+images/s. A 3-epoch budget on 5,000 images reached 44.0% (TTA), 40% at 112 s of training
+(PyTorch: 44.3%, 40% at 152 s). The 85/90/93% marks have not been run here yet.
 """
 
 from jaxmodel.configs import cifar

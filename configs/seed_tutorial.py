@@ -2,9 +2,8 @@
 batch 4, 2 epochs, no augmentation, inputs normalized to [-1, 1].
 
 The PyTorch tutorial reports about 55% test accuracy. Measured here (experiments/README.md, 3
-interleaved rounds): 53.84% validation accuracy at 3,122 train images/s, 58 s wall; the PyTorch
-tutorial program on the same data: 54.24% at 1,141 images/s (jaxmodel 2.73x). In a later, slower
-window of the same machine: 2,360 vs 977 images/s (2.42x), same accuracies.
+interleaved rounds, convolutions on oneDNN): 55.40% validation accuracy at 3,209 train images/s;
+the PyTorch tutorial program on the same data: 54.24% at 912 images/s (jaxmodel 3.52x).
 """
 
 from jaxmodel.config import base_config

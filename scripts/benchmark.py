@@ -407,7 +407,7 @@ def main(argv=None) -> None:
               f'measurement is its own subprocess, JAX and PyTorch alternating, rounds: '
               f'{args.repeats}; about {args.seconds:g} s timed each after a warm-up (JAX: compilation). '
               f'Medians (min-max) of images/s. JAX GFLOP/s: XLA cost-analysis FLOPs of the '
-              f'compiled train step x steps / time. Configs: '
+              f'compiled train step (plus its oneDNN convolutions\') x steps / time. Configs: '
               f'{sources}. '
               f'Method details: the docstring of scripts/benchmark.py.\n\n'
               f'{text}\n\n<details><summary>every measurement</summary>\n\n```\n{raw}\n```\n'
