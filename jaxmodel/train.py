@@ -358,9 +358,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             f'{summary["eval_bits_per_character"]:.3f} bits per character', flush=True)
     if 'model_flops_utilization' in summary:
       print(f'model FLOPs utilization {summary["model_flops_utilization"]:.0%}: '
-            f'{summary["train_flops_per_second"] / 1e9:.1f} GFLOP/s (XLA cost analysis, oneDNN convolutions added) of a '
-            f'{summary["peak_matmul_flops_per_second"] / 1e9:.1f} GFLOP/s float32 matmul measured '
-            f'on this {jax.devices()[0].platform}', flush=True)
+            f'{summary["train_flops_per_second"] / 1e9:.1f} GFLOP/s (XLA cost analysis, oneDNN '
+            f'convolutions added) of a {summary["peak_matmul_flops_per_second"] / 1e9:.1f} '
+            f'GFLOP/s float32 matmul measured on this {jax.devices()[0].platform}', flush=True)
   return summary
 
 

@@ -304,6 +304,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "the run ends on the average")
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--threads', type=int, default=0, help='torch threads (0: PyTorch default)')
+  parser.add_argument('--time_limit', type=float, default=0,
+                      help='stop after the first epoch that ends past this many seconds of '
+                           'training (0: no limit); a mark not reached by then took longer')
   parser.add_argument('--out', help='write a JSON summary here')
   return parser.parse_args(argv)
 
@@ -375,16 +378,21 @@ def main(argv=None) -> dict:
         marks[str(mark)] = train_seconds
     print(f'epoch {epoch + 1}/{args.epochs}: loss {history[-1]["train_loss"]:.4f} | accuracy '
           f'{accuracy:.4f} | TTA {tta_accuracy:.4f} | train {train_seconds:.1f} s', flush=True)
+    if args.time_limit and train_seconds > args.time_limit and epoch + 1 < args.epochs:
+      print(f'stopped: {train_seconds:.1f} s of training is past --time_limit '
+            f'{args.time_limit:g} s', flush=True)
+      break
 
   marks = {str(m): marks.get(str(m)) for m in MARKS}
   images_per_s = step * bs / train_seconds
   summary = {'program': 'scripts/torch_speedrun.py', 'dataset': args.dataset,
              'data_dir': args.data_dir, 'train_split': args.train_split,
              'eval_split': args.eval_split, 'num_train': n, 'num_eval': len(eval_y),
-             'epochs': args.epochs, 'batch_size': bs, 'widths': list(widths),
-             'whiten_stride': args.whiten_stride, 'whiten_bias_epochs': args.whiten_bias_epochs,
-             'lookahead': args.lookahead, 'learning_rate': lr, 'weight_decay': weight_decay,
-             'seed': args.seed, 'steps': step, 'epoch_results': history,
+             'epochs': args.epochs, 'epochs_run': len(history), 'batch_size': bs,
+             'widths': list(widths), 'whiten_stride': args.whiten_stride,
+             'whiten_bias_epochs': args.whiten_bias_epochs, 'lookahead': args.lookahead,
+             'learning_rate': lr, 'weight_decay': weight_decay, 'seed': args.seed,
+             'time_limit': args.time_limit, 'steps': step, 'epoch_results': history,
              'seconds_to_tta_accuracy': marks, 'final_val_accuracy': history[-1]['accuracy'],
              'final_val_tta_accuracy': history[-1]['tta_accuracy'],
              'train_seconds': train_seconds, 'whiten_init_seconds': whiten_seconds,
@@ -394,7 +402,8 @@ def main(argv=None) -> dict:
   if args.out:
     with open(args.out, 'w') as f:
       json.dump(summary, f, indent=2)
-  reached = ', '.join(f'{float(m):.0%} ' + (f'{s:.1f} s' if s is not None else 'never')
+  missing = 'never' if len(history) == args.epochs else f'not by {train_seconds:.1f} s (stopped)'
+  reached = ', '.join(f'{float(m):.0%} ' + (f'{s:.1f} s' if s is not None else missing)
                       for m, s in marks.items())
   print(f'time to TTA accuracy: {reached} | final accuracy {history[-1]["accuracy"]:.4f}, TTA '
         f'{history[-1]["tta_accuracy"]:.4f} | training wall time {train_seconds:.1f} s | '
