@@ -308,7 +308,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                       help='stop after the first epoch that ends past this many seconds of '
                            'training (0: no limit); a mark not reached by then took longer')
   parser.add_argument('--out', help='write a JSON summary here')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.time_limit < 0:
+    parser.error(f'--time_limit {args.time_limit:g}: give seconds of training, or 0 for no limit')
+  return args
 
 
 def main(argv=None) -> dict:
