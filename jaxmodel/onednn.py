@@ -3,7 +3,8 @@
 The models here trained 1.3-3.8x faster with them than with XLA:CPU's own convolutions, and one
 large convolution's forward and backward passes ran 5.7x faster (experiments/README.md).
 `conv(x, kernel, strides, padding)` computes the forward pass and both gradients with oneDNN
-primitives: NHWC float32 images, an HWIO float32 kernel, no dilation, one group. It is called from jitted code like any op; jaxmodel.ops chooses it on CPU.
+primitives: NHWC float32 images, an HWIO float32 kernel, no dilation, one group. It is called
+from jitted code like any op; jaxmodel.ops chooses it on CPU.
 
 The handlers (onednn_conv.cc, next to this file) are compiled once with the C++ compiler ($CXX,
 else g++) against jaxlib's FFI headers and the oneDNN wheels (onednn-cpu-gomp and its -devel
