@@ -77,7 +77,9 @@ def timed_run(step, sync, seconds: float) -> dict:
 # ---------------------------------------------------------------------------------------------
 # JAX
 
-def jax_worker(model_name: str, batch_size: int, spec: dict, seconds: float) -> dict:
+def jax_step(spec: dict, batch_size: int, compiler_options: dict | None = None):
+  """The compiled train step of `spec` (as `jaxmodel.train` runs it), a state, a fixed batch and
+  the seconds the compilation took."""
   import jax
   import jax.numpy as jnp
   import ml_collections
@@ -94,11 +96,17 @@ def jax_worker(model_name: str, batch_size: int, spec: dict, seconds: float) -> 
   batch = {'image': jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3), np.float32)),
            'label': jnp.asarray(rng.integers(0, NUM_CLASSES, batch_size, np.int32))}
   state = jaxmodel.create_train_state(model, tx, batch['image'], jax.random.PRNGKey(0), loss_fn)
-
   start = time.perf_counter()
-  compiled = jax.jit(jaxmodel.train_step, donate_argnums=0).lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
+  compiled = jax.jit(jaxmodel.train_step, donate_argnums=0).lower(state, batch).compile(
+      compiler_options=compiler_options)
+  return compiled, state, batch, time.perf_counter() - start
+
+
+def jax_worker(model_name: str, batch_size: int, spec: dict, seconds: float) -> dict:
+  import jax
   from jaxmodel import parallel
+
+  compiled, state, batch, compile_seconds = jax_step(spec, batch_size)
   cost = parallel.cost_analysis(compiled)  # XLA's, plus oneDNN's convolutions
   holder = [state]
 

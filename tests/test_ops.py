@@ -4,6 +4,8 @@ On CPU the convolutions run on oneDNN (jaxmodel.onednn); without it (JAXMODEL_ON
 no compiler) on image patches and matmuls. Both paths are tested.
 """
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -221,3 +223,17 @@ def test_models_train_the_same_with_xla_convolutions(name, kwargs, path, monkeyp
   fast = grads()
   monkeypatch.setenv('JAXMODEL_XLA_CONV', '1')
   chex.assert_trees_all_close(fast, grads(), rtol=2e-4, atol=2e-5)
+
+
+def test_ab_step_builds_each_variant_under_its_own_environment(monkeypatch):
+  # scripts/ab_step.py's A/B figures rest on this: a variant's switches reach its own trace only.
+  monkeypatch.delenv('JAXMODEL_ONEDNN', raising=False)
+  monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), '..', 'scripts'))
+  import ab_step
+  import benchmark
+  spec = benchmark.model_spec('seed_cnn')
+  without, *_ = ab_step.build(spec, 4, {'env': {'JAXMODEL_ONEDNN': '0'}})
+  assert 'JAXMODEL_ONEDNN' not in os.environ
+  with_onednn, *_ = ab_step.build(spec, 4, {})
+  assert not _custom_calls(without.as_text())
+  assert _custom_calls(with_onednn.as_text()) == ['forward', 'input_grad', 'kernel_grad']
