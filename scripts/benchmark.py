@@ -1,6 +1,7 @@
 """Train-step throughput: jaxmodel (JAX, jit) against PyTorch eager, same networks and optimizers.
 
-  python scripts/benchmark.py [--models seed_cnn,airbench,airbench94,resnet] [--batch_sizes 128,512]
+  python scripts/benchmark.py [--models seed_cnn,airbench,airbench94,resnet,resnet34]
+                              [--batch_sizes 128,512]
                               [--repeats 3] [--seconds 8] [--out experiments/benchmark-cpu.md]
 
 Method. Every measurement is a fresh subprocess running one framework alone, so JAX and PyTorch
@@ -13,7 +14,8 @@ chosen to take about --seconds. Data loading is not measured: only the train ste
 - Models, optimizers and loss come from the bundled configs: seed_cnn from `seed_tutorial` (the
   PyTorch tutorial net, SGD momentum 0.9), airbench from `cifar`, airbench94 (the full-width net;
   only when asked; its lookahead averaging runs on the JAX side only) from `cifar_speedrun`,
-  resnet (CIFAR ResNet-18, slow; only when asked) from `default`.
+  resnet (CIFAR ResNet-18, slow; only when asked) from `default`, resnet34 (slower still) from
+  `cifar_resnet34`.
 - JAX: `jax.jit(jaxmodel.train_step, donate_argnums=0)` on `create_train_state` with
   `make_optimizer(config.optimizer, total_steps)`, exactly what `jaxmodel.train` runs; its FLOPs
   per step are XLA's cost analysis of the compiled step.
@@ -39,10 +41,11 @@ import sys
 import time
 
 CONFIGS = {'seed_cnn': 'seed_tutorial', 'airbench': 'cifar', 'airbench94': 'cifar_speedrun',
-           'resnet': 'default'}
-MODELS = {'airbench94': 'airbench'}  # the model a config trains, where not the benchmark's name
+           'resnet': 'default', 'resnet34': 'cifar_resnet34'}
+# The model a config trains, where not the benchmark's name.
+MODELS = {'airbench94': 'airbench', 'resnet34': 'resnet'}
 DEFAULT_BATCHES = {'seed_cnn': (4, 128, 512), 'airbench': (128, 512), 'airbench94': (128, 512),
-                   'resnet': (128, 512)}
+                   'resnet': (128, 512), 'resnet34': (128, 512)}
 NUM_CLASSES = 10
 NOMINAL_TOTAL_STEPS = 10_000  # the schedule's length; the rate per step does not depend on it
 
