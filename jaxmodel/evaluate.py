@@ -7,6 +7,11 @@ evaluates the run's own validation split. An image folder holds CLASS/*.jpg|png 
 class names; images of another size are resized to the model's input.
 """
 
+from jaxmodel import memory
+
+if __name__ == '__main__':
+  memory.use_huge_pages()  # may restart the process: first, before the imports below
+
 import json
 import os
 import re

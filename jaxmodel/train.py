@@ -3,6 +3,11 @@
 Rerunning the same command with the same --workdir resumes from the latest checkpoint.
 """
 
+from jaxmodel import memory
+
+if __name__ == '__main__':
+  memory.use_huge_pages()  # may restart the process: first, before the imports below
+
 import json
 import os
 import sys

@@ -18,7 +18,9 @@ chosen to take about --seconds. Data loading is not measured: only the train ste
   `cifar_resnet34`.
 - JAX: `jax.jit(jaxmodel.train_step, donate_argnums=0)` on `create_train_state` with
   `make_optimizer(config.optimizer, total_steps)`, exactly what `jaxmodel.train` runs; its FLOPs
-  per step are XLA's cost analysis of the compiled step.
+  per step are XLA's cost analysis of the compiled step. Its worker runs with huge pages for
+  malloc, as `jaxmodel.train` does (jaxmodel/memory.py); `--huge_pages both` gives PyTorch's
+  worker the same.
 - PyTorch: eager, NCHW, `torch.set_num_threads(--torch_threads)` (2 = the cores here, said
   explicitly rather than left to the default), model.train(), zero_grad/backward/step. The twins
   use the same layers, initial BatchNorm settings, loss and optimizer: the config's lr multipliers
@@ -306,7 +308,11 @@ def measure(framework: str, model_name: str, batch_size: int, spec: dict, args) 
              '--models', model_name, '--batch_sizes', str(batch_size),
              '--seconds', str(args.seconds), '--torch_threads', str(args.torch_threads),
              '--spec', json.dumps(spec)]
-  done = subprocess.run(command, capture_output=True, text=True)
+  from jaxmodel import memory
+  # Huge pages for malloc, as jaxmodel's programs run (jaxmodel/memory.py); for PyTorch if asked.
+  huge_pages = framework == 'jax' or args.huge_pages == 'both'
+  env = (huge_pages and memory.huge_pages_environment(os.environ)) or dict(os.environ)
+  done = subprocess.run(command, capture_output=True, text=True, env=env)
   if done.returncode != 0:
     sys.stderr.write(done.stderr)
     raise SystemExit(f'{framework} {model_name} batch {batch_size}: worker failed '
@@ -357,6 +363,9 @@ def main(argv=None) -> None:
   parser.add_argument('--repeats', type=int, default=3, help='rounds of JAX, PyTorch')
   parser.add_argument('--seconds', type=float, default=8.0, help='timed seconds per measurement')
   parser.add_argument('--torch_threads', type=int, default=2)
+  parser.add_argument('--huge_pages', choices=('jax', 'both'), default='jax',
+                      help="which workers run with glibc's huge-page tunable: JAX's, as "
+                           "jaxmodel's programs do (the default), or both")
   parser.add_argument('--out', help='also write the table and its context to this markdown file')
   parser.add_argument('--worker', choices=('jax', 'torch'), help=argparse.SUPPRESS)
   parser.add_argument('--spec', help=argparse.SUPPRESS)
@@ -412,7 +421,8 @@ def main(argv=None) -> None:
               f'- commit: {commit}\n'
               f'- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n'
               f'- machine: {machine()}\n'
-              f'- PyTorch threads: torch.set_num_threads({args.torch_threads}); '
+              f'- PyTorch threads: torch.set_num_threads({args.torch_threads}); huge pages '
+              f'for malloc (jaxmodel/memory.py): {args.huge_pages}; '
               f'total time {time.perf_counter() - start:.0f} s\n\n'
               f'Synthetic CIFAR-shaped data (one fixed random batch), train step only. Each '
               f'measurement is its own subprocess, JAX and PyTorch alternating, rounds: '
