@@ -49,7 +49,11 @@ def huge_pages_environment(environ) -> dict | None:
 def use_huge_pages() -> None:
   """Restarts this process with huge pages for malloc, unless it has them or they cannot help."""
   environment = huge_pages_environment(os.environ)
-  if environment is not None:
-    sys.stdout.flush()
-    sys.stderr.flush()
+  if environment is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  try:
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment)
+  except OSError:
+    pass  # e.g. no executable to restart: go on without huge pages

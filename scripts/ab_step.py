@@ -11,8 +11,8 @@ optimizer, one fixed random batch), all in this process. Then rounds run every v
 for about --images images each (A B C A B C ...), and the table gives each variant's median
 images/s and, against the first variant, the median and quartiles of the per-round speed ratios.
 A ratio within one round compares runs seconds apart, so the machine's drift, which moves
-separate processes' figures by 5-15% here, mostly cancels. The steps run with nothing else on the
-machine: run this alone.
+separate processes' figures by 5-15% here, mostly cancels. Like `jaxmodel.train`, the process
+runs with huge pages for malloc (jaxmodel/memory.py). Run it alone on the machine.
 """
 
 import argparse
@@ -91,4 +91,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == '__main__':
+  from jaxmodel import memory
+  memory.use_huge_pages()  # as jaxmodel.train runs
   main()
