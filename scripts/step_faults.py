@@ -1,11 +1,11 @@
 """Page faults, system time and wall time per call of one model's train step, in this process.
 
-  python scripts/step_faults.py --model airbench94 --batch_size 128 [--steps 5]
-  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python scripts/step_faults.py ...   # huge pages on
-  JAXMODEL_HUGE_PAGES=0 python scripts/step_faults.py ...                  # off, as set
+  GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python scripts/step_faults.py --model airbench94 \
+      --batch_size 128 [--steps 5]                                   # huge pages on
+  python scripts/step_faults.py --model airbench94 --batch_size 128   # off
 
-The step is built as scripts/benchmark.py builds it. jaxmodel's programs run with huge pages for
-malloc (jaxmodel/memory.py); this script runs as its environment says, so that on and off can be
+The step is built as scripts/benchmark.py builds it. jaxmodel's programs restart themselves with
+huge pages for malloc (jaxmodel/memory.py); this script does not, so that on and off can be
 compared: run the two commands alternately, one at a time, and compare per pair.
 """
 
