@@ -38,6 +38,7 @@ _TARGETS = {'forward': 'JaxmodelConvForward', 'input_grad': 'JaxmodelConvInputGr
             'kernel_grad': 'JaxmodelConvKernelGrad'}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _SHARED_MIN_MACS = 2**22
+_BLOCKED_MAX_CHANNELS = 7
 
 
 def _package_dir(distribution: str, suffix: str) -> pathlib.Path:
@@ -108,10 +109,12 @@ def _threads(x, kernel) -> int:
   return 1 if macs < _SHARED_MIN_MACS else 0
 
 
-def _call(name: str, result: jax.ShapeDtypeStruct, *operands, strides, padding, threads):
+def _call(name: str, result: jax.ShapeDtypeStruct, *operands, strides, padding, threads,
+          blocked=False):
   # 'sequential': under vmap, one call per example of the mapped axis.
   return jax.ffi.ffi_call(f'jaxmodel_conv_{name}', result, vmap_method='sequential')(
       *operands, strides=np.asarray(strides, np.int64), threads=np.int64(threads),
+      blocked=bool(blocked),
       pad_lo=np.asarray([lo for lo, _ in padding], np.int64),
       pad_hi=np.asarray([hi for _, hi in padding], np.int64))
 
@@ -137,8 +140,13 @@ def _backward(strides, padding, residuals, grad):
   x, kernel = residuals
   as_struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   threads = _threads(x, kernel)
+  # Into an image of few channels, oneDNN's input gradient on NHWC takes a slow kernel: on its
+  # own layout (channels padded to a block of 8) it ran 1.9x faster, reorders included, and the
+  # tutorial CNN's step 1.07-1.10x (experiments/README.md). The forward pass and the kernel
+  # gradient gained nothing once their reorders were paid.
+  blocked = x.shape[-1] <= _BLOCKED_MAX_CHANNELS
   return (_call('input_grad', as_struct(x), grad, kernel, strides=strides, padding=padding,
-                threads=threads),
+                threads=threads, blocked=blocked),
           _call('kernel_grad', as_struct(kernel), x, grad, strides=strides, padding=padding,
                 threads=threads))
 

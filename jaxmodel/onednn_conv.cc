@@ -7,7 +7,8 @@
 //
 // Each handler takes the geometry from its buffers' shapes and its attributes, finds (or makes
 // once, then caches) the oneDNN primitive for it, and reorders between our layouts and the
-// layouts the primitive prefers when they differ.
+// layouts the primitive prefers when they differ. Activations stay NHWC unless the `blocked`
+// attribute asks for the primitive's own layout (channels in blocks of 8, say), reordered here.
 
 #include <cstdint>
 #include <cstring>
@@ -45,13 +46,13 @@ struct Plan {
 
 using Key = std::vector<int64_t>;
 
-const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image,
+const Plan& GetPlan(Pass pass, int64_t threads, bool blocked, const memory::dims& image,
                     const memory::dims& kernel, const memory::dims& output,
                     const memory::dims& strides, const memory::dims& pad_lo,
                     const memory::dims& pad_hi) {
   static std::mutex mutex;
   static std::map<Key, std::unique_ptr<Plan>> plans;
-  Key key = {pass, threads};
+  Key key = {pass, threads, blocked};
   for (const auto* dims : {&image, &kernel, &output, &strides, &pad_lo, &pad_hi}) {
     key.insert(key.end(), dims->begin(), dims->end());
   }
@@ -65,17 +66,20 @@ const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image,
   plan->user_image = memory::desc(image, f32, tag::nhwc);
   plan->user_kernel = memory::desc(kernel, f32, tag::hwio);
   plan->user_output = memory::desc(output, f32, tag::nhwc);
-  // Activations stay NHWC (no reorder of the big tensors); the kernel takes whatever blocked
-  // layout the implementation prefers.
+  // The kernel takes whatever blocked layout the implementation prefers; the activations too if
+  // `blocked`, else they stay NHWC (no reorder of the big tensors).
   const memory::desc any_kernel(kernel, f32, tag::any);
+  const memory::desc conv_image = blocked ? memory::desc(image, f32, tag::any) : plan->user_image;
+  const memory::desc conv_output =
+      blocked ? memory::desc(output, f32, tag::any) : plan->user_output;
   const auto algorithm = dnnl::algorithm::convolution_direct;
   // XLA runs independent thunks concurrently, and oneDNN's own scratchpad is shared between
   // primitives: each call brings its own.
   dnnl::primitive_attr attributes;
   attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
   dnnl::convolution_forward::primitive_desc forward(
-      Engine(), dnnl::prop_kind::forward_training, algorithm, plan->user_image, any_kernel,
-      plan->user_output, strides, pad_lo, pad_hi, attributes);
+      Engine(), dnnl::prop_kind::forward_training, algorithm, conv_image, any_kernel,
+      conv_output, strides, pad_lo, pad_hi, attributes);
   if (pass == kForward) {
     plan->conv = dnnl::convolution_forward(forward);
     plan->image = forward.src_desc();
@@ -84,8 +88,8 @@ const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image,
     plan->scratchpad = forward.scratchpad_desc();
   } else if (pass == kInputGrad) {
     dnnl::convolution_backward_data::primitive_desc backward(
-        Engine(), algorithm, plan->user_image, any_kernel, plan->user_output, strides, pad_lo,
-        pad_hi, forward, attributes);
+        Engine(), algorithm, conv_image, any_kernel, conv_output, strides, pad_lo, pad_hi,
+        forward, attributes);
     plan->conv = dnnl::convolution_backward_data(backward);
     plan->scratchpad = backward.scratchpad_desc();
     plan->image = backward.diff_src_desc();
@@ -93,8 +97,8 @@ const Plan& GetPlan(Pass pass, int64_t threads, const memory::dims& image,
     plan->output = backward.diff_dst_desc();
   } else {
     dnnl::convolution_backward_weights::primitive_desc backward(
-        Engine(), algorithm, plan->user_image, any_kernel, plan->user_output, strides, pad_lo,
-        pad_hi, forward, attributes);
+        Engine(), algorithm, conv_image, any_kernel, conv_output, strides, pad_lo, pad_hi,
+        forward, attributes);
     plan->conv = dnnl::convolution_backward_weights(backward);
     plan->scratchpad = backward.scratchpad_desc();
     plan->image = backward.src_desc();
@@ -133,7 +137,7 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, voi
                ffi::Span<const int64_t> kernel_shape, void* output,
                ffi::Span<const int64_t> output_shape, ffi::Span<const int64_t> strides,
                ffi::Span<const int64_t> pad_lo, ffi::Span<const int64_t> pad_hi,
-               int64_t threads) {
+               int64_t threads, bool blocked) {
   if (image_shape.size() != 4 || kernel_shape.size() != 4 || output_shape.size() != 4) {
     return ffi::Error::InvalidArgument("oneDNN conv: expected NHWC images and an HWIO kernel");
   }
@@ -142,9 +146,9 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, voi
   static const int all_threads = omp_get_max_threads();
   omp_set_num_threads(threads > 0 ? threads : all_threads);
   try {
-    const Plan& plan = GetPlan(pass, threads, ImageDims(image_shape), KernelDims(kernel_shape),
-                               ImageDims(output_shape), ToDims(strides), ToDims(pad_lo),
-                               ToDims(pad_hi));
+    const Plan& plan = GetPlan(pass, threads, blocked, ImageDims(image_shape),
+                               KernelDims(kernel_shape), ImageDims(output_shape), ToDims(strides),
+                               ToDims(pad_lo), ToDims(pad_hi));
     dnnl::engine& engine = Engine();
     thread_local dnnl::stream stream(engine);
     memory user_image(plan.user_image, engine, image);
@@ -176,7 +180,7 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, voi
     arguments[DNNL_ARG_SCRATCHPAD] = memory(plan.scratchpad, engine);
     if (pass == kInputGrad && !CoversImage(image_shape, kernel_shape, strides, pad_lo, pad_hi)) {
       // The last rows or columns are in no window: their gradient is 0, which we write.
-      std::memset(image, 0, plan.user_image.get_size());
+      std::memset(image_memory.get_data_handle(), 0, image_memory.get_desc().get_size());
     }
     plan.conv.execute(stream, arguments);
     memory& result = pass == kForward ? output_memory
@@ -195,24 +199,24 @@ using F32 = ffi::Buffer<ffi::F32>;
 using Ints = ffi::Span<const int64_t>;
 
 ffi::Error Forward(F32 image, F32 kernel, ffi::ResultBuffer<ffi::F32> output, Ints strides,
-                   Ints pad_lo, Ints pad_hi, int64_t threads) {
+                   Ints pad_lo, Ints pad_hi, int64_t threads, bool blocked) {
   return Run(kForward, image.untyped_data(), image.dimensions(), kernel.untyped_data(),
              kernel.dimensions(), output->untyped_data(), output->dimensions(), strides, pad_lo,
-             pad_hi, threads);
+             pad_hi, threads, blocked);
 }
 
 ffi::Error InputGrad(F32 output_grad, F32 kernel, ffi::ResultBuffer<ffi::F32> image_grad,
-                     Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads) {
+                     Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads, bool blocked) {
   return Run(kInputGrad, image_grad->untyped_data(), image_grad->dimensions(),
              kernel.untyped_data(), kernel.dimensions(), output_grad.untyped_data(),
-             output_grad.dimensions(), strides, pad_lo, pad_hi, threads);
+             output_grad.dimensions(), strides, pad_lo, pad_hi, threads, blocked);
 }
 
 ffi::Error KernelGrad(F32 image, F32 output_grad, ffi::ResultBuffer<ffi::F32> kernel_grad,
-                      Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads) {
+                      Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads, bool blocked) {
   return Run(kKernelGrad, image.untyped_data(), image.dimensions(), kernel_grad->untyped_data(),
              kernel_grad->dimensions(), output_grad.untyped_data(), output_grad.dimensions(),
-             strides, pad_lo, pad_hi, threads);
+             strides, pad_lo, pad_hi, threads, blocked);
 }
 
 }  // namespace
@@ -226,7 +230,8 @@ ffi::Error KernelGrad(F32 image, F32 output_grad, ffi::ResultBuffer<ffi::F32> ke
                                     .Attr<Ints>("strides")                                  \
                                     .Attr<Ints>("pad_lo")                                   \
                                     .Attr<Ints>("pad_hi")                                   \
-                                    .Attr<int64_t>("threads"))
+                                    .Attr<int64_t>("threads")                               \
+                                    .Attr<bool>("blocked"))
 
 JAXMODEL_CONV_HANDLER(JaxmodelConvForward, Forward);
 JAXMODEL_CONV_HANDLER(JaxmodelConvInputGrad, InputGrad);

@@ -5,6 +5,7 @@ no compiler) on image patches and matmuls. Both paths are tested.
 """
 
 import os
+import re
 
 import chex
 import jax
@@ -24,6 +25,10 @@ CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((2, 10, 10, 2), (3, 3, 2, 4), (2, 2), ((1, 0), (2, 1))),
     ((2, 8, 8, 6), (1, 1, 6, 3), (2, 2), 'SAME'),
     ((48, 32, 32, 3), (5, 5, 3, 6), (1, 1), 'VALID'),  # im2col from gathered patches
+    # Wider images: oneDNN's input gradient on NHWC (narrower ones take its blocked layout).
+    ((2, 9, 9, 12), (3, 3, 12, 16), (1, 1), 'SAME'),
+    ((2, 10, 10, 8), (3, 3, 8, 5), (2, 2), 'VALID'),  # the last row and column in no window
+    ((2, 10, 10, 3), (3, 3, 3, 4), (2, 2), 'VALID'),  # the same, blocked
 ]
 
 
@@ -125,6 +130,17 @@ def test_cpu_convolutions_run_on_onednn():
   strided_1x1 = jax.jit(lambda x, k: _fast(x, k, (2, 2), 'SAME')).lower(
       jnp.ones((2, 8, 8, 6)), jnp.ones((1, 1, 6, 3))).as_text()
   assert not _custom_calls(strided_1x1)  # see onednn.supports
+
+
+def test_narrow_images_get_their_input_gradient_in_onednns_layout():
+  def blocked_flags(channels):
+    loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        jnp.ones((2, 9, 9, channels)), jnp.ones((3, 3, channels, 16))).compile().as_text()
+    calls = re.findall(r'custom_call_target="jaxmodel_conv_(\w+)".*blocked = (\w+)', hlo)
+    return dict(calls)
+  assert blocked_flags(6) == {'forward': 'false', 'input_grad': 'true', 'kernel_grad': 'false'}
+  assert set(blocked_flags(8).values()) == {'false'}
 
 
 def test_the_flops_of_onednn_convolutions_are_counted():
