@@ -83,6 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.final_scale = 0.0  # decay ends at this fraction of the peak
   # ((regex on 'path/to/param', multiplier), ...): scales those params' learning rate; 0 freezes.
   config.optimizer.lr_multipliers = ()
+  # ((regex, fraction), ...): those params stop training after that fraction of all steps.
+  config.optimizer.freeze_after = ()
   # Lookahead averaging (airbench): every N steps average <- lerp(average, params, 1 - d),
   # params <- average, with d = decay^N x (step / total)^power. 0 turns it off.
   config.optimizer.lookahead_every = 0

@@ -9,9 +9,10 @@ such memory: ~440 faults and ~50 ms (experiments/README.md).
 
 glibc reads its tunables once, when the process starts, so `use_huge_pages()` restarts the
 process (os.execve: same PID, arguments and open files) with the tunable added to
-GLIBC_TUNABLES. The command-line programs call it before anything else; it costs the restart,
-about 2 s of imports. JAXMODEL_HUGE_PAGES=0 turns it off. It does nothing where it cannot help:
-not Linux with glibc 2.35 or newer, or the kernel's transparent huge pages set to 'never'.
+GLIBC_TUNABLES. The command-line programs call it before anything else, and the package imports
+JAX lazily, so the restart costs a second interpreter start: about 0.05 s. JAXMODEL_HUGE_PAGES=0
+turns it off. It does nothing where it cannot help: not Linux with glibc 2.35 or newer, or the
+kernel's transparent huge pages set to 'never'.
 """
 
 import os

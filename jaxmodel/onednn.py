@@ -10,7 +10,8 @@ The handlers (onednn_conv.cc, next to this file) are compiled once with the C++ 
 else g++) against jaxlib's FFI headers and the oneDNN wheels (onednn-cpu-gomp and its -devel
 headers, dependencies on x86-64 Linux), and kept in the user's cache dir. `available()` says
 whether that worked; if not, jaxmodel warns once and uses XLA's convolutions.
-JAXMODEL_ONEDNN=0 turns the oneDNN path off.
+JAXMODEL_ONEDNN=0 turns the oneDNN path off; JAXMODEL_ONEDNN_BLOCKED=0 keeps every activation
+NHWC (to measure what the blocked input gradient below is worth). Both are read at trace time.
 """
 
 import ctypes
@@ -141,10 +142,11 @@ def _backward(strides, padding, residuals, grad):
   as_struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
   threads = _threads(x, kernel)
   # Into an image of few channels, oneDNN's input gradient on NHWC takes a slow kernel: on its
-  # own layout (channels padded to a block of 8) it ran 1.9x faster, reorders included, and the
+  # own layout (channels padded to a block of 8) it ran 1.8x faster, reorders included, and the
   # tutorial CNN's step 1.07-1.10x (experiments/README.md). The forward pass and the kernel
   # gradient gained nothing once their reorders were paid.
-  blocked = x.shape[-1] <= _BLOCKED_MAX_CHANNELS
+  blocked = (x.shape[-1] <= _BLOCKED_MAX_CHANNELS
+             and os.environ.get('JAXMODEL_ONEDNN_BLOCKED') != '0')
   return (_call('input_grad', as_struct(x), grad, kernel, strides=strides, padding=padding,
                 threads=threads, blocked=blocked),
           _call('kernel_grad', as_struct(kernel), x, grad, strides=strides, padding=padding,

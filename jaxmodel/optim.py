@@ -75,12 +75,35 @@ def lookahead_average(every: int, decay: Callable[[jax.Array], jax.Array]
   return optax.GradientTransformation(init, update)
 
 
-def param_labels(params: Any, multipliers: dict[str, float]) -> Any:
-  """Labels each parameter with the first `multipliers` pattern its path ('a/b/kernel') matches."""
+def param_labels(params: Any, patterns: dict[str, Any]) -> Any:
+  """Labels each parameter with the first of `patterns` its path ('a/b/kernel') matches."""
   def label(path, _):
     name = '/'.join(str(getattr(k, 'key', k)) for k in path)
-    return next((p for p in multipliers if re.search(p, name)), 'default')
+    return next((p for p in patterns if re.search(p, name)), 'default')
   return jax.tree_util.tree_map_with_path(label, params)
+
+
+class FreezeState(NamedTuple):
+  count: jax.Array
+
+
+def freeze_after(steps: dict[str, int]) -> optax.GradientTransformation:
+  """Lets the params matching each pattern train for its number of steps, then zeroes their
+  updates: airbench's whitening bias trains for 3 epochs. Chain it before a lookahead, which
+  still averages them (as airbench's does)."""
+  def init(params):
+    del params
+    return FreezeState(jnp.zeros([], jnp.int32))
+
+  def update(updates, state, params=None):
+    del params
+    def freeze(update, label):
+      if label == 'default':
+        return update
+      return jnp.where(state.count < steps[label], update, jnp.zeros_like(update))
+    return jax.tree.map(freeze, updates, param_labels(updates, steps)), FreezeState(state.count + 1)
+
+  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
@@ -88,6 +111,7 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
 
   `lr_multipliers` maps a regex on parameter paths to a learning-rate multiplier (0 freezes the
   matched parameters). Weight decay per step stays the same for every group, as airbench does.
+  `freeze_after` maps a regex to the fraction of all steps after which those parameters stop.
   """
   schedule = make_schedule(config, total_steps)
 
@@ -105,6 +129,9 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     tx = group(1.0)
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  if config.get('freeze_after'):  # .get: runs saved before the key existed
+    tx = optax.chain(tx, freeze_after({pattern: int(round(fraction * total_steps))
+                                       for pattern, fraction in config.freeze_after}))
   if config.lookahead_every:
     # airbench's decay: base^every x (progress)^power, so the average matters most at the end.
     decay = lambda count: (config.lookahead_decay ** config.lookahead_every

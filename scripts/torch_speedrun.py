@@ -38,8 +38,9 @@ What differs from airbench94, and why:
 - GELU is the tanh approximation, Flax's nn.gelu default (airbench: the exact GELU).
 - Init: PyTorch's default for convs and the head, as airbench (jaxmodel: lecun_normal, 3x the
   variance); the whitening bias starts at 0 (as Flax's).
-- The whitening bias trains for the whole run by default, as jaxmodel (it has no such freezing);
-  --whiten_bias_epochs 3 freezes it after 3 epochs as airbench does.
+- The whitening bias trains for the whole run by default, as jaxmodel's config does;
+  --whiten_bias_epochs 3 freezes it after 3 epochs as airbench does (jaxmodel:
+  --config.optimizer.freeze_after='(("whiten/bias", 0.3),)').
 - --lookahead jaxmodel (default) does jaxmodel's `lookahead_average` arithmetic: the average
   covers the parameters only (Flax keeps BatchNorm statistics outside the optimizer) and the run
   ends on what the last step left (the average only if total_steps is a multiple of 5).

@@ -54,3 +54,29 @@ def test_a_program_restarts_once_with_huge_pages():
   # 4 KiB pages: 65,536 faults. Huge pages: 2 MiB each, where the kernel has them free.
   assert int(plain_faults) >= 60_000
   assert int(faults) < int(plain_faults) // 4
+
+
+# Run at every interpreter start (sitecustomize), the restart's included: which tunables it has.
+_REPORT_START = '''
+import os, sys
+print('interpreter start, tunables:', os.environ.get('GLIBC_TUNABLES', ''), file=sys.stderr,
+      flush=True)
+'''
+
+
+@pytest.mark.skipif(not memory._supported(), reason='no glibc hugetlb tunable or THP here')
+@pytest.mark.parametrize('command', [
+    ['jaxmodel.train', '--config=cifar', '--config.optimizer.nam=adam'],
+    ['jaxmodel.evaluate', '--workdir', 'no-such-run'],
+])
+def test_the_command_line_programs_restart_once_with_huge_pages(command, tmp_path):
+  (tmp_path / 'sitecustomize.py').write_text(_REPORT_START)
+  env = {k: v for k, v in os.environ.items() if k not in ('GLIBC_TUNABLES', 'JAXMODEL_HUGE_PAGES')}
+  env.update(JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), env.get('PYTHONPATH')])))
+  result = subprocess.run([sys.executable, '-m', *command], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2, result.stderr  # both command lines are bad on purpose
+  starts = [line for line in result.stderr.splitlines() if line.startswith('interpreter start')]
+  assert starts == ['interpreter start, tunables: ',
+                    f'interpreter start, tunables: {memory.TUNABLE}']

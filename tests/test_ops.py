@@ -132,7 +132,7 @@ def test_cpu_convolutions_run_on_onednn():
   assert not _custom_calls(strided_1x1)  # see onednn.supports
 
 
-def test_narrow_images_get_their_input_gradient_in_onednns_layout():
+def test_narrow_images_get_their_input_gradient_in_onednns_layout(monkeypatch):
   def blocked_flags(channels):
     loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
@@ -141,6 +141,8 @@ def test_narrow_images_get_their_input_gradient_in_onednns_layout():
     return dict(calls)
   assert blocked_flags(6) == {'forward': 'false', 'input_grad': 'true', 'kernel_grad': 'false'}
   assert set(blocked_flags(8).values()) == {'false'}
+  monkeypatch.setenv('JAXMODEL_ONEDNN_BLOCKED', '0')  # read at trace time
+  assert set(blocked_flags(6).values()) == {'false'}
 
 
 def test_the_flops_of_onednn_convolutions_are_counted():

@@ -68,6 +68,23 @@ def test_lr_multipliers_freeze_and_scale_groups():
                                         'head': {'kernel': -0.1 * jnp.ones(2)}})
 
 
+def test_freeze_after_stops_the_matched_params_after_their_steps():
+  params = {'whiten': {'bias': jnp.zeros(2)}, 'head': {'kernel': jnp.zeros(2)}}
+  grads = jax.tree.map(jnp.ones_like, params)
+  tx = make_optimizer(_config(name='sgd', momentum=0.9, learning_rate=0.1, weight_decay=0.0,
+                              schedule='constant', freeze_after=(('whiten/bias', 0.3),)), 10)
+  state, history = tx.init(params), []
+  for _ in range(10):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(params)
+  # 3 of the 10 steps train the bias (momentum and all), then it stays; the head goes on.
+  chex.assert_trees_all_equal(*[h['whiten']['bias'] for h in history[2:]])
+  assert float(history[1]['whiten']['bias'][0]) < float(history[0]['whiten']['bias'][0]) < 0
+  chex.assert_trees_all_close(history[2]['whiten']['bias'], history[2]['head']['kernel'])
+  assert float(history[-1]['head']['kernel'][0]) < float(history[2]['head']['kernel'][0])
+
+
 def test_gradient_clipping_bounds_the_step():
   tx = make_optimizer(_config(name='sgd', momentum=0.0, learning_rate=1.0, weight_decay=0.0,
                               schedule='constant', grad_clip_norm=1.0), 10)
