@@ -143,7 +143,7 @@ def _backward(strides, padding, residuals, grad):
   threads = _threads(x, kernel)
   # Into an image of few channels, oneDNN's input gradient on NHWC takes a slow kernel: on its
   # own layout (channels padded to a block of 8) it ran 1.8x faster, reorders included, and the
-  # tutorial CNN's step 1.07-1.10x (experiments/README.md). The forward pass and the kernel
+  # tutorial CNN's step 1.04-1.11x (experiments/README.md). The forward pass and the kernel
   # gradient gained nothing once their reorders were paid.
   blocked = (x.shape[-1] <= _BLOCKED_MAX_CHANNELS
              and os.environ.get('JAXMODEL_ONEDNN_BLOCKED') != '0')
