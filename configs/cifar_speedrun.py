@@ -15,10 +15,11 @@ averages the params (airbench also averages BatchNorm statistics), and everythin
 Measured here (experiments/README.md): 1,971,640 params, 729 GFLOP per step of 1,024 (XLA's
 count plus the oneDNN convolutions'). The full run on this 2-core CPU (session 10, huge pages):
 131 train images/s, 85% at 2,363 s and 90% at 3,373 s of training (the last epoch), 90.4% at the
-end, 93% not reached; PyTorch's twin (scripts/torch_speedrun.py) ran at 88 images/s and reached 85% at 3,522 s
-(epoch 7; stopped there, not yet 90%). The twin, with airbench's init, learned no faster
-per epoch, so the gap to airbench's 94% (on its 10,000 test images, after 476 steps on 50,000)
-lies in what both share: fewer steps and images, the differences above, the tanh GELU.
+end, 93% not reached; PyTorch's twin (scripts/torch_speedrun.py) ran at 88 images/s and reached
+85% at 3,522 s (epoch 7; stopped there, not yet 90%). The twin, with airbench's init, learned no
+faster per epoch, so the gap to airbench's 94% (on its 10,000 test images, after 476 steps on
+50,000) lies in what both share: JPEG data, fewer steps and images, the differences above, the
+tanh GELU.
 """
 
 from jaxmodel.configs import cifar
