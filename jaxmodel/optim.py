@@ -83,27 +83,14 @@ def param_labels(params: Any, patterns: dict[str, Any]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-class FreezeState(NamedTuple):
-  count: jax.Array
-
-
-def freeze_after(steps: dict[str, int]) -> optax.GradientTransformation:
-  """Lets the params matching each pattern train for its number of steps, then zeroes their
-  updates: airbench's whitening bias trains for 3 epochs. Chain it before a lookahead, which
-  still averages them (as airbench's does)."""
-  def init(params):
-    del params
-    return FreezeState(jnp.zeros([], jnp.int32))
-
-  def update(updates, state, params=None):
-    del params
-    def freeze(update, label):
-      if label == 'default':
-        return update
-      return jnp.where(state.count < steps[label], update, jnp.zeros_like(update))
-    return jax.tree.map(freeze, updates, param_labels(updates, steps)), FreezeState(state.count + 1)
-
-  return optax.GradientTransformation(init, update)
+def freeze_after(pattern: str, steps: int) -> optax.GradientTransformation:
+  """Lets the params matching `pattern` train for `steps` steps, then zeroes their updates:
+  airbench's whitening bias trains for 3 epochs. Chain it before a lookahead, which still
+  averages them (as airbench's does)."""
+  mask = lambda params: jax.tree.map(lambda label: label == pattern,
+                                     param_labels(params, {pattern: None}))
+  return optax.masked(optax.scale_by_schedule(lambda count: (count < steps).astype(jnp.float32)),
+                      mask)
 
 
 def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformation:
@@ -129,9 +116,8 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     tx = group(1.0)
   if config.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  if config.get('freeze_after'):  # .get: runs saved before the key existed
-    tx = optax.chain(tx, freeze_after({pattern: int(round(fraction * total_steps))
-                                       for pattern, fraction in config.freeze_after}))
+  for pattern, fraction in config.get('freeze_after') or ():  # .get: runs saved before the key
+    tx = optax.chain(tx, freeze_after(pattern, int(round(fraction * total_steps))))
   if config.lookahead_every:
     # airbench's decay: base^every x (progress)^power, so the average matters most at the end.
     decay = lambda count: (config.lookahead_decay ** config.lookahead_every
