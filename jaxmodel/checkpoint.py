@@ -35,8 +35,11 @@ class CheckpointError(RuntimeError):
 
 
 def _arrays(state: TrainState) -> dict:
-  return {'step': state.step, 'params': state.params, 'model_state': state.model_state,
-          'opt_state': state.opt_state, 'rng': state.rng}
+  arrays = {'step': state.step, 'params': state.params, 'model_state': state.model_state,
+            'opt_state': state.opt_state, 'rng': state.rng}
+  if state.average is not None:  # a lookahead's
+    arrays['average'] = state.average
+  return arrays
 
 
 def digest(tree: Any) -> str | None:

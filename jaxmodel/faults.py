@@ -92,7 +92,7 @@ def _all_finite(tree) -> jax.Array:
 
 def check_state_finite(state, step: int) -> None:
   """Raises NonFiniteError if any parameter, model state or optimizer state is not finite."""
-  for field in ('params', 'model_state', 'opt_state'):
+  for field in ('params', 'model_state', 'opt_state', 'average'):
     if not bool(_all_finite(getattr(state, field))):
       raise NonFiniteError(f'{field} became non-finite by step {step}')
 

@@ -1,7 +1,8 @@
 """Optax optimizers and learning-rate schedules chosen by name in the config."""
 
+import dataclasses
 import re
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -46,33 +47,45 @@ def _base_optimizer(config: Any, learning_rate: optax.ScalarOrSchedule,
   raise ValueError(f'unknown optimizer {config.name!r}; choose one of {OPTIMIZERS}')
 
 
-class LookaheadState(NamedTuple):
-  count: jax.Array
-  average: Any  # the slow weights
-
-
-def lookahead_average(every: int, decay: Callable[[jax.Array], jax.Array]
-                      ) -> optax.GradientTransformation:
-  """airbench's lookahead: every `every` steps, average <- lerp(average, params, 1 - decay(step)),
-  then params <- average. Chain it last; it sees the final updates and rewrites them on sync steps.
+@dataclasses.dataclass(frozen=True)
+class Lookahead:
+  """airbench's lookahead over all of the model's float state, params and BatchNorm statistics:
+  after every `every`-th step, average <- lerp(average, current, 1 - decay(step)), then
+  current <- average; after the last step, current <- average. A train state holds the average
+  (TrainState.average); train_step calls `update` after the optimizer's step.
   """
-  def init(params):
+  every: int
+  decay: Callable[[jax.Array], jax.Array]  # of the 1-based step number
+  total_steps: int
+
+  def init(self, params: Any, model_state: Any) -> dict:
     # Its own buffers, not the params': a train step donates both.
-    return LookaheadState(jnp.zeros([], jnp.int32), jax.tree.map(jnp.copy, params))
+    return jax.tree.map(jnp.copy, {'params': params, 'model_state': model_state})
 
-  def update(updates, state, params):
-    count = state.count + 1
-    sync = count % every == 0
-    new_params = optax.apply_updates(params, updates)
-    keep = decay(count)
+  def update(self, step: jax.Array, params: Any, model_state: Any, average: dict
+             ) -> tuple[Any, Any, dict]:
+    """(params, model_state, average) after optimizer step `step` (1-based)."""
+    averaging = step % self.every == 0
+    sync = averaging | (step == self.total_steps)
+    keep = jnp.where(averaging, self.decay(step), 1.0)
+    current = {'params': params, 'model_state': model_state}
+
+    floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # airbench averages float state
     average = jax.tree.map(
-        lambda a, p: jnp.where(sync, keep * a + (1 - keep) * p, a).astype(a.dtype),
-        state.average, new_params)
-    updates = jax.tree.map(lambda u, a, p: jnp.where(sync, a - p, u).astype(u.dtype),
-                           updates, average, params)
-    return updates, LookaheadState(count, average)
+        lambda a, x: jnp.where(sync, keep * a + (1 - keep) * x, a).astype(a.dtype)
+        if floating(a) else a, average, current)
+    current = jax.tree.map(lambda a, x: jnp.where(sync, a, x) if floating(x) else x,
+                           average, current)
+    return current['params'], current['model_state'], average
 
-  return optax.GradientTransformation(init, update)
+
+def make_lookahead(config: Any, total_steps: int) -> Lookahead | None:
+  """The lookahead `config.optimizer`-style settings ask for (lookahead_every > 0), or None."""
+  if not config.lookahead_every:
+    return None
+  every, base, power = config.lookahead_every, config.lookahead_decay, config.lookahead_power
+  # airbench's decay: base^every x (progress)^power, so the average matters most at the end.
+  return Lookahead(every, lambda step: base ** every * (step / total_steps) ** power, total_steps)
 
 
 def param_labels(params: Any, patterns: dict[str, Any]) -> Any:
@@ -85,8 +98,8 @@ def param_labels(params: Any, patterns: dict[str, Any]) -> Any:
 
 def freeze_after(pattern: str, steps: int) -> optax.GradientTransformation:
   """Lets the params matching `pattern` train for `steps` steps, then zeroes their updates:
-  airbench's whitening bias trains for 3 epochs. Chain it before a lookahead, which still
-  averages them (as airbench's does)."""
+  airbench's whitening bias trains for 3 epochs. A lookahead still averages them, as airbench's
+  does."""
   mask = lambda params: jax.tree.map(lambda label: label == pattern,
                                      param_labels(params, {pattern: None}))
   return optax.masked(optax.scale_by_schedule(lambda count: (count < steps).astype(jnp.float32)),
@@ -99,6 +112,7 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
   `lr_multipliers` maps a regex on parameter paths to a learning-rate multiplier (0 freezes the
   matched parameters). Weight decay per step stays the same for every group, as airbench does.
   `freeze_after` maps a regex to the fraction of all steps after which those parameters stop.
+  The lookahead settings are read by `make_lookahead`: it averages BatchNorm statistics too.
   """
   schedule = make_schedule(config, total_steps)
 
@@ -118,9 +132,4 @@ def make_optimizer(config: Any, total_steps: int) -> optax.GradientTransformatio
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   for pattern, fraction in config.get('freeze_after') or ():  # .get: runs saved before the key
     tx = optax.chain(tx, freeze_after(pattern, int(round(fraction * total_steps))))
-  if config.lookahead_every:
-    # airbench's decay: base^every x (progress)^power, so the average matters most at the end.
-    decay = lambda count: (config.lookahead_decay ** config.lookahead_every
-                           * (count / total_steps) ** config.lookahead_power)
-    tx = optax.chain(tx, lookahead_average(config.lookahead_every, decay))
   return tx

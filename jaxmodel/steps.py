@@ -30,9 +30,20 @@ class TrainState:
   apply_fn: Callable = struct.field(pytree_node=False)
   tx: optax.GradientTransformation = struct.field(pytree_node=False)
   loss_fn: Callable = struct.field(pytree_node=False)
+  # airbench's lookahead (optim.Lookahead) and its average of params and model_state, or None.
+  lookahead: Any = struct.field(pytree_node=False, default=None)
+  average: Any = None
 
   def variables(self) -> dict:
     return {'params': self.params, **self.model_state}
+
+  def restart_from(self, params: Any, model_state: Any = None) -> 'TrainState':
+    """This state with new params (and model_state), the optimizer and lookahead started on them:
+    e.g. after a data-dependent init, or fine-tuning from another run."""
+    model_state = self.model_state if model_state is None else model_state
+    average = self.lookahead.init(params, model_state) if self.lookahead else None
+    return self.replace(params=params, model_state=model_state, opt_state=self.tx.init(params),
+                        average=average)
 
 
 def cross_entropy_loss(logits, labels, label_smoothing: float = 0.0):
@@ -82,11 +93,12 @@ class MixedPrecisionApply:
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, example_images,
                        rng: jax.Array, loss_fn: Callable = cross_entropy_loss,
-                       compute_dtype: str = 'float32') -> TrainState:
+                       compute_dtype: str = 'float32', lookahead: Any = None) -> TrainState:
   """Initializes the model on `example_images` and the optimizer on its params.
 
   Params and optimizer state are float32; `compute_dtype` 'bfloat16' runs the model's forward
-  and backward passes in bfloat16 (MixedPrecisionApply).
+  and backward passes in bfloat16 (MixedPrecisionApply). `lookahead` (optim.make_lookahead)
+  averages params and model_state every few steps.
   """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, example_images, train=False)
@@ -94,9 +106,11 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, examp
   apply_fn = model.apply
   if compute_dtype != 'float32':
     apply_fn = MixedPrecisionApply(model.apply, compute_dtype)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=dict(variables),
+  model_state = dict(variables)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                     opt_state=tx.init(params), rng=state_rng, apply_fn=apply_fn, tx=tx,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, lookahead=lookahead,
+                    average=lookahead.init(params, model_state) if lookahead else None)
 
 
 def train_step(state: TrainState, batch: dict, axis_name: str | None = None
@@ -122,8 +136,13 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None
   if axis_name is not None:
     grads, loss, accuracy = jax.lax.pmean((grads, loss, accuracy), axis_name)
   updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                            model_state=dict(model_state), opt_state=opt_state)
+  params, model_state, average = (optax.apply_updates(state.params, updates), dict(model_state),
+                                  state.average)
+  if state.lookahead is not None:
+    params, model_state, average = state.lookahead.update(state.step + 1, params, model_state,
+                                                          average)
+  new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
+                            opt_state=opt_state, average=average)
   metrics = {'loss': loss, 'accuracy': accuracy,
              'grad_norm': optax.tree.norm(grads)}
   return new_state, metrics

@@ -147,6 +147,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = parallel.prepare_model(models.get_model(config.model.name, **model_kwargs),
                                  config.parallel.strategy)
   tx = optim.make_optimizer(config.optimizer, total_steps)
+  lookahead = optim.make_lookahead(config.optimizer, total_steps)
   loss_fn = get_loss(config.loss, config.label_smoothing)
   rng = jax.random.PRNGKey(config.seed)
   if vocab:
@@ -159,7 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     eval_preprocess = data.preprocess_from_config(config, train=False)
     decode = {}
   state = parallel.create_state(
-      lambda: create_train_state(model, tx, example, rng, loss_fn, config.compute_dtype), mesh)
+      lambda: create_train_state(model, tx, example, rng, loss_fn, config.compute_dtype,
+                                 lookahead), mesh)
 
   if config.data.on_device:
     if process_count > 1 or vocab:
@@ -191,7 +193,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   elif config.init_from:
     params, model_state, fresh = trained.init_from(config.init_from, config, state.params,
                                                    state.model_state)
-    state = state.replace(params=params, model_state=model_state, opt_state=tx.init(params))
+    state = state.restart_from(params, model_state)
     print(f'initialized from {config.init_from}'
           + (f'; re-initialized {", ".join(sorted(fresh))} (not there with this shape, e.g. '
              f'another class count)' if fresh else ''), flush=True)
@@ -202,8 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       sample = lambda: next(data.eval_batches(train_source, eval_preprocess, 5000))['image']
     init_start = time.perf_counter()
     params = models.init_from_data(model, state.params, sample)
-    # The optimizer state afresh: a lookahead average must start from these params.
-    state = state.replace(params=params, opt_state=tx.init(params))
+    state = state.restart_from(params)  # a lookahead average must start from these params
     init_seconds = time.perf_counter() - init_start  # airbench counts its whitening init
   if is_main:  # only now: a refused resume leaves the old config.json alone
     with open(os.path.join(workdir, 'config.json'), 'w') as f:

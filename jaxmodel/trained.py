@@ -136,7 +136,8 @@ def restore_variables(workdir: str, config: ml_collections.ConfigDict, model, im
   """({'params': ..., **model_state}, step) of checkpoint `which` of the run in `workdir`."""
   template_state = jax.eval_shape(
       lambda: create_train_state(model, optim.make_optimizer(config.optimizer, 1),
-                                 jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0)))
+                                 jnp.zeros((1, *image_shape)), jax.random.PRNGKey(0),
+                                 lookahead=optim.make_lookahead(config.optimizer, 1)))
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints,
                                     **checkpoint.best_options(config))
   try:

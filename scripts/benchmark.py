@@ -17,7 +17,8 @@ chosen to take about --seconds. Data loading is not measured: only the train ste
   resnet (CIFAR ResNet-18, slow; only when asked) from `default`, resnet34 (slower still) from
   `cifar_resnet34`.
 - JAX: `jax.jit(jaxmodel.train_step, donate_argnums=0)` on `create_train_state` with
-  `make_optimizer(config.optimizer, total_steps)`, exactly what `jaxmodel.train` runs; its FLOPs
+  `make_optimizer(config.optimizer, total_steps)` and the config's lookahead, exactly what
+  `jaxmodel.train` runs; its FLOPs
   per step are XLA's cost analysis of the compiled step. Its worker runs with huge pages for
   malloc, as `jaxmodel.train` does (jaxmodel/memory.py); `--huge_pages both` gives PyTorch's
   worker the same.
@@ -90,6 +91,7 @@ def jax_step(spec: dict, batch_size: int, compiler_options: dict | None = None):
   import ml_collections
   import numpy as np
   import jaxmodel
+  from jaxmodel import optim
 
   model_kwargs = {k: tuple(v) if isinstance(v, list) else v
                   for k, v in spec['model'].items() if k != 'name'}
@@ -100,7 +102,9 @@ def jax_step(spec: dict, batch_size: int, compiler_options: dict | None = None):
   rng = np.random.default_rng(0)
   batch = {'image': jnp.asarray(rng.standard_normal((batch_size, 32, 32, 3), np.float32)),
            'label': jnp.asarray(rng.integers(0, NUM_CLASSES, batch_size, np.int32))}
-  state = jaxmodel.create_train_state(model, tx, batch['image'], jax.random.PRNGKey(0), loss_fn)
+  lookahead = optim.make_lookahead(optimizer_config, NOMINAL_TOTAL_STEPS)
+  state = jaxmodel.create_train_state(model, tx, batch['image'], jax.random.PRNGKey(0), loss_fn,
+                                      lookahead=lookahead)
   start = time.perf_counter()
   compiled = jax.jit(jaxmodel.train_step, donate_argnums=0).lower(state, batch).compile(
       compiler_options=compiler_options)

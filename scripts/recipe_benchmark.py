@@ -51,7 +51,8 @@ def bare_worker(config_spec: str, data_dir: str, overrides: list[str]) -> dict:
   example = jax.numpy.zeros((config.batch_size, *info.features['image'].shape))
   state = parallel.create_state(lambda: steps.create_train_state(
       model, tx, example, jax.random.PRNGKey(config.seed),
-      steps.get_loss(config.loss, config.label_smoothing)), mesh)
+      steps.get_loss(config.loss, config.label_smoothing),
+      lookahead=optim.make_lookahead(config.optimizer, total_steps)), mesh)
   state = parallel.put(state, parallel.state_shardings(state, mesh))
   inputs = device_data.StepInputs(batches, arrays, 0)
   train_fn, _ = parallel.compile_steps('jit', mesh, state, next(inputs), batches.from_inputs,

@@ -17,9 +17,11 @@ Method, as airbench94 does it:
   epoch 0, inverted on odd epochs). Cross-entropy with label smoothing 0.2. Nesterov SGD, momentum
   0.85, L2 weight decay added to the gradient; BatchNorm biases at 64x the learning rate with the
   weight decay divided by 64 (the same decay per step). Per step: linear warm-up 0.2 -> 1 over 23%
-  of the steps, then linear decay to 0.07. Lookahead: every 5 steps average <- lerp(average,
-  weights, 1 - d), weights <- average, d = 0.95^5 x (step / total_steps)^3, step counted from 1
-  after each update.
+  of the steps, then linear decay to 0.07. The whitening bias trains for --whiten_bias_epochs (3),
+  then is frozen. Lookahead over all float state (weights and BatchNorm running statistics): every
+  5 steps average <- lerp(average, state, 1 - d), state <- average, d = 0.95^5 x
+  (step / total_steps)^3, step counted from 1 after each update; after the last step, state <-
+  average.
 - Evaluation after every epoch (eval mode, batches of 2000): accuracy and test-time-augmented
   accuracy, 0.5 x mean(f(x), f(flip x)) + 0.5 x the mean of f and f o flip on the two 1-pixel
   diagonal translations (reflect padding 1): 6 forward passes.
@@ -38,14 +40,6 @@ What differs from airbench94, and why:
 - GELU is the tanh approximation, Flax's nn.gelu default (airbench: the exact GELU).
 - Init: PyTorch's default for convs and the head, as airbench (jaxmodel: lecun_normal, 3x the
   variance); the whitening bias starts at 0 (as Flax's).
-- The whitening bias trains for the whole run by default, as jaxmodel's config does;
-  --whiten_bias_epochs 3 freezes it after 3 epochs as airbench does (jaxmodel:
-  --config.optimizer.freeze_after='(("whiten/bias", 0.3),)').
-- --lookahead jaxmodel (default) does jaxmodel's `lookahead_average` arithmetic: the average
-  covers the parameters only (Flax keeps BatchNorm statistics outside the optimizer) and the run
-  ends on what the last step left (the average only if total_steps is a multiple of 5).
-  --lookahead airbench also averages the BatchNorm running statistics and sets the weights to the
-  average after the last step.
 - Augmentation is drawn per batch (one gather for crop and flip) rather than for the whole
   dataset at the start of each epoch: the same distribution, less memory.
 - Timing: the clock covers the whitening init and the training steps, not reading the data nor
@@ -193,7 +187,7 @@ def make_optimizer(net: Airbench, lr: float, weight_decay: float, momentum: floa
 
 
 class Lookahead:
-  """airbench's lookahead, counted as jaxmodel's `lookahead_average`: after optimizer step
+  """airbench's lookahead, counted as jaxmodel's `optim.Lookahead`: after optimizer step
   `count` (1-based), if count % 5 == 0, average <- lerp(average, tensors, 1 - d(count)) and
   tensors <- average. The average starts as the tensors after the whitening init."""
 
@@ -297,12 +291,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   parser.add_argument('--batch_size', type=int, default=1024)
   parser.add_argument('--widths', default='64,256,256')
   parser.add_argument('--whiten_stride', type=int, default=1)
-  parser.add_argument('--whiten_bias_epochs', type=int, default=0,
+  parser.add_argument('--whiten_bias_epochs', type=int, default=3,
                       help='train the whitening bias for this many epochs, then freeze it '
-                           '(0: never frozen, as jaxmodel; airbench: 3)')
-  parser.add_argument('--lookahead', choices=('jaxmodel', 'airbench'), default='jaxmodel',
-                      help="jaxmodel: parameters only; airbench: BatchNorm statistics too, and "
-                           "the run ends on the average")
+                           '(0: never frozen); airbench and jaxmodel\'s config: 3 of 10')
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--threads', type=int, default=0, help='torch threads (0: PyTorch default)')
   parser.add_argument('--time_limit', type=float, default=0,
@@ -344,9 +335,8 @@ def main(argv=None) -> dict:
   start = time.perf_counter()
   init_whitening(net.whiten, normalize(train_x[:WHITEN_SAMPLES]))
   sgd, schedule = make_optimizer(net, lr, weight_decay, 0.85, total_steps)
-  tensors = (list(net.parameters()) if args.lookahead == 'jaxmodel' else
-             [t for t in net.state_dict().values() if t.is_floating_point()])
-  lookahead = Lookahead(tensors, total_steps)
+  lookahead = Lookahead([t for t in net.state_dict().values() if t.is_floating_point()],
+                        total_steps)
   first_flips = torch.rand(n, generator=generator) < 0.5  # alternating flip: fixed per image
   whiten_seconds = time.perf_counter() - start
   train_seconds += whiten_seconds
@@ -369,7 +359,7 @@ def main(argv=None) -> dict:
       lookahead.step()
       loss_sum += loss.detach()
       step += 1
-    if args.lookahead == 'airbench' and step == total_steps:
+    if step == total_steps:
       lookahead.finish()
     train_seconds += time.perf_counter() - start
 
@@ -394,7 +384,7 @@ def main(argv=None) -> dict:
              'eval_split': args.eval_split, 'num_train': n, 'num_eval': len(eval_y),
              'epochs': args.epochs, 'epochs_run': len(history), 'batch_size': bs,
              'widths': list(widths), 'whiten_stride': args.whiten_stride,
-             'whiten_bias_epochs': args.whiten_bias_epochs, 'lookahead': args.lookahead,
+             'whiten_bias_epochs': args.whiten_bias_epochs,
              'learning_rate': lr, 'weight_decay': weight_decay, 'seed': args.seed,
              'time_limit': args.time_limit, 'steps': step, 'epoch_results': history,
              'seconds_to_tta_accuracy': marks, 'final_val_accuracy': history[-1]['accuracy'],

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from jaxmodel import checkpoint, create_train_state, get_model, train_step
-from jaxmodel import data
+from jaxmodel import data, optim
 from test_data import PLAIN, ArraySource
 
 
@@ -42,6 +42,28 @@ def test_state_and_iterator_round_trip(tmp_path):
   # The restored state trains on exactly like the original.
   chex.assert_trees_all_equal(step(restored, expected_batch)[0].params,
                               step(state, expected_batch)[0].params)
+
+
+def test_lookahead_average_round_trips(tmp_path):
+  lookahead = optim.Lookahead(every=2, decay=lambda step: 0.5, total_steps=10)
+  model = get_model('resnet', stage_sizes=(1,), width=4)  # BatchNorm: the average holds its stats
+  make = lambda seed: create_train_state(model, optax.sgd(0.1, 0.9), jnp.zeros((2, 8, 8, 3)),
+                                         jax.random.PRNGKey(seed), lookahead=lookahead)
+  batch = {'image': jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 3)),
+           'label': jnp.array([0, 1])}
+  step = jax.jit(train_step)
+  state = make(0)
+  for _ in range(3):  # step 2 synced; step 3 moved the params away from the average again
+    state, _ = step(state, batch)
+  manager = checkpoint.make_manager(str(tmp_path))
+  checkpoint.save(manager, state)
+  manager.wait_until_finished()
+  restored = checkpoint.restore(checkpoint.make_manager(str(tmp_path)), make(1))
+  chex.assert_trees_all_equal(restored.average, state.average)
+  # The next step syncs (step 4) from the restored average exactly as from the original.
+  chex.assert_trees_all_equal(step(restored, batch)[0].variables(), step(state, batch)[0].variables())
+  with pytest.raises(AssertionError):
+    chex.assert_trees_all_close(state.average['params'], state.params)
 
 
 def test_manager_keeps_the_newest_checkpoints(tmp_path):

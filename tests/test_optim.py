@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from jaxmodel import make_optimizer, make_schedule
+from jaxmodel.optim import make_lookahead
 from jaxmodel.config import base_config
 
 
@@ -101,27 +102,65 @@ def test_unknown_names_raise():
 
 
 def test_lookahead_averages_every_n_steps_as_airbench_does():
-  total, every = 12, 3
+  total, every = 13, 3
   config = _config(name='sgd', learning_rate=0.1, momentum=0.0, weight_decay=0.0,
                    schedule='constant', lookahead_every=every, lookahead_decay=0.9,
                    lookahead_power=2.0)
-  tx = make_optimizer(config, total)
-  params = {'w': jnp.array([1.0, -3.0])}
-  state = tx.init(params)
+  tx, lookahead = make_optimizer(config, total), make_lookahead(config, total)
+  params, model_state = {'w': jnp.array([1.0, -3.0])}, {'stats': {'mean': jnp.array([0.5])}}
+  opt_state, average = tx.init(params), lookahead.init(params, model_state)
   grad = lambda p: {'w': 2 * p['w'] + 1.0}
-  # By hand: plain SGD steps; on every third step average <- d*average + (1-d)*params and
-  # params <- average, with d = 0.9^3 * (step/total)^2.
-  net, average = np.array([1.0, -3.0]), np.array([1.0, -3.0])
+  # By hand: plain SGD steps, and statistics that move by +1 a step; on every third step
+  # average <- d*average + (1-d)*current and current <- average, d = 0.9^3 * (step/total)^2;
+  # after the last step (13, not a multiple of 3) current <- average.
+  net, stats = np.array([1.0, -3.0]), np.array([0.5])
+  average_net, average_stats = net.copy(), stats.copy()
   for step in range(1, total + 1):
-    updates, state = tx.update(grad(params), state, params)
-    params = optax.apply_updates(params, updates)
-    net = net - 0.1 * (2 * net + 1.0)
+    updates, opt_state = tx.update(grad(params), opt_state, params)
+    model_state = {'stats': {'mean': model_state['stats']['mean'] + 1.0}}
+    params, model_state, average = lookahead.update(
+        jnp.asarray(step), optax.apply_updates(params, updates), model_state, average)
+    net, stats = net - 0.1 * (2 * net + 1.0), stats + 1.0
     if step % every == 0:
       d = 0.9**3 * (step / total)**2
-      average = d * average + (1 - d) * net
-      net = average.copy()
+      average_net, average_stats = d * average_net + (1 - d) * net, d * average_stats + (1 - d) * stats
+      net, stats = average_net.copy(), average_stats.copy()
+    if step == total:
+      net, stats = average_net.copy(), average_stats.copy()
     np.testing.assert_allclose(params['w'], net, rtol=1e-5, err_msg=f'step {step}')
+    np.testing.assert_allclose(model_state['stats']['mean'], stats, rtol=1e-5,
+                               err_msg=f'step {step}')
   assert not np.allclose(net, [1.0, -3.0])  # it trained
+  assert stats[0] < 0.5 + total - 1  # the statistics were pulled back towards their average
+
+
+def test_train_step_averages_batchnorm_statistics_with_the_params():
+  from jaxmodel import create_train_state, get_model, train_step
+  config = _config(name='sgd', learning_rate=0.1, momentum=0.9, schedule='constant',
+                   lookahead_every=2, lookahead_decay=0.9, lookahead_power=0.0)
+  model = get_model('airbench', widths=(8, 8, 8), whiten_width=4)
+  images = jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3))
+  batch = {'image': images, 'label': jnp.array([0, 1, 2, 3])}
+  states = {name: create_train_state(model, make_optimizer(config, 4), images, jax.random.PRNGKey(0),
+                                     lookahead=make_lookahead(config, 4) if name == 'lookahead' else None)
+            for name in ('lookahead', 'plain')}
+  step = jax.jit(train_step)
+  first = {name: step(state, batch)[0] for name, state in states.items()}
+  # Step 1 is not a sync step: the lookahead changes nothing yet.
+  chex.assert_trees_all_close(first['lookahead'].params, first['plain'].params)
+  chex.assert_trees_all_close(first['lookahead'].model_state, first['plain'].model_state)
+  second, _ = step(first['lookahead'], batch)
+  plain, _ = step(first['lookahead'].replace(lookahead=None), batch)
+  # Step 2 syncs (decay 0.9^2 = 0.81): params and BatchNorm statistics both move to
+  # 0.81 x the initial values + 0.19 x where plain training put them.
+  initial = states['lookahead']
+  for field in ('params', 'model_state'):
+    expected = jax.tree.map(lambda a, x: 0.81 * a + 0.19 * x, getattr(initial, field),
+                            getattr(plain, field))
+    chex.assert_trees_all_close(getattr(second, field), expected, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(second.average[field], expected, rtol=1e-5, atol=1e-6)
+  means = jax.tree.leaves(second.model_state)
+  assert any(not np.allclose(m, p) for m, p in zip(means, jax.tree.leaves(plain.model_state)))
 
 
 def test_lookahead_state_survives_a_donating_train_step():
@@ -129,7 +168,8 @@ def test_lookahead_state_survives_a_donating_train_step():
   config = _config(name='sgd', learning_rate=0.1, momentum=0.9, schedule='constant',
                    lookahead_every=2)
   state = create_train_state(get_model('mlp', hidden=(8,)), make_optimizer(config, 4),
-                             jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0))
+                             jnp.zeros((2, 4, 4, 3)), jax.random.PRNGKey(0),
+                             lookahead=make_lookahead(config, 4))
   batch = {'image': jnp.ones((2, 4, 4, 3)), 'label': jnp.array([0, 1])}
   step = jax.jit(train_step, donate_argnums=0)  # params and the average are separate buffers
   for _ in range(2):
