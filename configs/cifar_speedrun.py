@@ -13,13 +13,12 @@ mean (lr and weight decay rescaled to match its summed loss), everything is floa
 GELU is the tanh form.
 
 Measured here (experiments/README.md): 1,971,640 params, 729 GFLOP per step of 1,024 (XLA's
-count plus the oneDNN convolutions'). The full run on this 2-core CPU (session 10, huge pages):
-131 train images/s, 85% at 2,363 s and 90% at 3,373 s of training (the last epoch), 90.4% at the
-end, 93% not reached; PyTorch's twin (scripts/torch_speedrun.py) ran at 88 images/s and reached
-85% at 3,522 s (epoch 7; stopped there, not yet 90%). The twin, with airbench's init, learned no
-faster per epoch, so the gap to airbench's 94% (on its 10,000 test images, after 476 steps on
-50,000) lies in what both share: JPEG data, fewer steps and images, the differences above, the
-tanh GELU.
+count plus the oneDNN convolutions'). The full run on a 2-core Intel Ice Lake CPU (session 11):
+309 train images/s, 85% at 1,004 s and 90% at 1,427 s of training (the last epoch), 90.4% at
+the end, 93% not reached; PyTorch's twin (scripts/torch_speedrun.py), the same recipe, 153
+images/s: 85% at 2,005 s, 90% at 2,880 s, 90.6% at the end. Both learn alike per epoch, so the
+gap to airbench's 94% (on its 10,000 test images, after 476 steps on 50,000) lies in what they
+share: this JPEG copy of the data, fewer steps and images, the tanh GELU.
 """
 
 from jaxmodel.configs import cifar
