@@ -6,7 +6,8 @@ Builds the step as scripts/benchmark.py does (the config's model and optimizer, 
 batch), runs it untraced a few times, then traces --steps steps with jax.profiler and reads the
 trace in-process (jax.profiler.ProfileData, no TensorBoard needed). The table lists each
 operation of the compiled step (a fusion, a oneDNN convolution `ffi_call.N`, a copy, ...) with
-its time per step, median over the steps, and what it computes (the HLO instruction, shortened).
+its time per step (median over the steps), its result's shape, what it computes (a fusion's root
+instruction) and the JAX operation it came from.
 XLA runs independent operations concurrently on its threads, so the times add up to more than
 the step's wall time, which is printed too. Like `jaxmodel.train`, the process runs with huge
 pages for malloc (jaxmodel/memory.py). Run it alone on the machine.
@@ -26,27 +27,34 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402  (scripts/ is not a package)
 
 
-def hlo_summaries(hlo_text: str, width: int = 110) -> dict[str, str]:
-  """Each instruction of the module's entry and fusion computations: name -> its line, shortened
-  (a fusion's line is replaced by its root's, which says what the fusion produces)."""
+def hlo_summaries(hlo_text: str, width: int = 100) -> dict[str, str]:
+  """Each instruction of the compiled module: name -> 'SHAPE OP  SOURCE', where OP is what it
+  computes (a fusion's root instruction, a custom call's target) and SOURCE the JAX operation it
+  came from (its metadata's op_name)."""
   lines = {}
   for line in hlo_text.splitlines():
     match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (.*)', line)
     if match:
       lines[match.group(1)] = match.group(2)
+  # Each computation's root instruction, from its body (its header line to the closing '}').
+  roots = {name: re.search(r'^\s*ROOT %?[\w.\-]+ = (.*)$', body, re.M)
+           for name, body in re.findall(r'^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}$', hlo_text,
+                                        re.M | re.S)}
+  operation = lambda rhs: (re.match(r'\S+ ([\w\-]+)', rhs) or re.match('()', '')).group(1)
   summaries = {}
   for name, rhs in lines.items():
+    shape = re.sub(r'\{[\d,]*\}', '', rhs.split(' ')[0])
+    op = operation(rhs)
     called = re.search(r'calls=%?([\w.\-]+)', rhs)
-    text = rhs
-    if called and ' fusion(' in rhs:
-      roots = [l for l in hlo_text.split(f'{called.group(1)} ', 1)[-1].split('}\n', 1)[0]
-               .splitlines() if 'ROOT' in l]
-      if roots:
-        text = rhs.split('(')[0] + ' <- ' + roots[0].split('=', 1)[-1].strip()
+    if op == 'fusion' and called and roots.get(called.group(1)):
+      op = 'fusion: ' + operation(roots[called.group(1)].group(1))
     target = re.search(r'custom_call_target="([^"]+)"', rhs)
     if target:
-      text = rhs.split('(')[0] + ' custom-call ' + target.group(1)
-    summaries[name] = re.sub(r'\s+', ' ', text)[:width]
+      op = target.group(1)
+    source = re.search(r'op_name="(?:jit\(\w+\)/)?([^"]+)"', rhs)
+    if op.startswith('fusion: '):
+      source = re.search(r'op_name="(?:jit\(\w+\)/)?([^"]+)"', roots[called.group(1)].group(1))
+    summaries[name] = f'{shape} {op}  {source.group(1) if source else ""}'[:width]
   return summaries
 
 
@@ -93,7 +101,7 @@ def main(argv=None) -> None:
   print(f'{args.model} at batch {args.batch_size}: {wall * 1e3:.2f} ms per step (wall, '
         f'{args.steps} traced steps, {len(runs)} with timings); operations add up to '
         f'{sum(median_ms.values()):.2f} ms')
-  print(f'{"ms/step":>8}  {"operation":<28} what it computes')
+  print(f'{"ms/step":>8}  {"operation":<28} result, what it computes, from which JAX operation')
   for op, ms in sorted(median_ms.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f'{ms:8.3f}  {op:<28} {summaries.get(op, "")}')
 
