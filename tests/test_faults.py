@@ -25,10 +25,14 @@ def test_a_non_finite_state_is_caught_before_saving():
     params = {'w': jnp.ones(3)}
     model_state = {}
     opt_state = ({'count': jnp.zeros((), jnp.int32)}, {'mu': jnp.array([0.0, jnp.nan])})
+    average = None  # no lookahead
   with pytest.raises(faults.NonFiniteError, match='opt_state became non-finite by step 7'):
     faults.check_state_finite(State, 7)
   State.opt_state = ()
   faults.check_state_finite(State, 7)
+  State.average = {'params': {'w': jnp.array([1.0, jnp.inf, 1.0])}, 'model_state': {}}
+  with pytest.raises(faults.NonFiniteError, match='average became non-finite by step 7'):
+    faults.check_state_finite(State, 7)
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
