@@ -10,7 +10,7 @@ import importlib
 
 _EXPORTS = {
     'MODELS': 'models', 'count_params': 'models', 'get_model': 'models',
-    'make_optimizer': 'optim', 'make_schedule': 'optim',
+    'make_lookahead': 'optim', 'make_optimizer': 'optim', 'make_schedule': 'optim',
     'TrainState': 'steps', 'create_train_state': 'steps', 'cross_entropy_loss': 'steps',
     'eval_step': 'steps', 'get_loss': 'steps', 'mse_loss': 'steps', 'train_step': 'steps',
 }

@@ -76,17 +76,16 @@ def main(argv=None) -> None:
     state, _ = compiled(state, batch)
   jax.block_until_ready(state)
 
-  trace_dir = tempfile.mkdtemp(prefix='profile_step-')
-  jax.profiler.start_trace(trace_dir)
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, _ = compiled(state, batch)
-  jax.block_until_ready(state)
-  wall = (time.perf_counter() - start) / args.steps
-  jax.profiler.stop_trace()
-
-  path, = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
-  profile = jax.profiler.ProfileData.from_file(path)
+  with tempfile.TemporaryDirectory(prefix='profile_step-') as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, _ = compiled(state, batch)
+    jax.block_until_ready(state)
+    wall = (time.perf_counter() - start) / args.steps
+    jax.profiler.stop_trace()
+    path, = glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
   per_run = collections.defaultdict(lambda: collections.defaultdict(float))
   for line in profile.find_plane_with_name('/host:CPU').lines:
     for event in line.events:

@@ -7,8 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmodel import make_optimizer, make_schedule
-from jaxmodel.optim import make_lookahead
+from jaxmodel import make_lookahead, make_optimizer, make_schedule
 from jaxmodel.config import base_config
 
 
