@@ -13,22 +13,12 @@ resumed run sees exactly the batches an uninterrupted one would.
 import dataclasses
 from typing import Any, Iterator, Sequence
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 # Independent streams derived from the run's seed.
 _ORDER, _AUGMENT, _FIRST_FLIP = range(3)
-
-
-def load_split(source: Any, read_batch: int = 1000) -> dict[str, np.ndarray]:
-  """Every example of a random-access source: 'image' uint8 (N, H, W, C), 'label' int32 (N,)."""
-  batches = grain.MapDataset.source(source).batch(read_batch).to_iter_dataset(
-      grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
-  parts = [(np.asarray(b['image'], np.uint8), np.asarray(b['label'], np.int32)) for b in batches]
-  return {'image': np.concatenate([p[0] for p in parts]),
-          'label': np.concatenate([p[1] for p in parts])}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,8 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.strategy', 'parallel.mesh.data',
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
-                     'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks')
+                     'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks',
+                     'data.in_memory')
 
 
 class TrainError(RuntimeError):
@@ -169,13 +170,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        'pipeline (--config.data.on_device=False) with several processes or text')
     augment = device_data.augment_from_config(config)
     device_batches = device_data.TrainBatches(len(train_source), local_batch, config.seed, augment)
-    train_arrays = jax.device_put(device_data.load_split(train_source), parallel.replicated(mesh))
-    eval_arrays = device_data.load_split(eval_source)  # read once, not every epoch
+    train_arrays = jax.device_put(data.load_split(train_source), parallel.replicated(mesh))
+    eval_arrays = data.load_split(eval_source)  # read once, not every epoch
     train_iter = None  # no pipeline state to checkpoint: the step number says where the data is
     make_batch = device_batches.from_inputs
     eval_batches = lambda: device_data.eval_batches(eval_arrays, augment, config.eval_batch_size)
   else:
     make_batch = None  # batches come from the Grain pipeline
+    if config.data.in_memory:
+      if vocab:
+        raise TrainError('data.in_memory holds decoded image splits; text is read as it is: set '
+                         '--config.data.in_memory=False')
+      load_start = time.perf_counter()
+      train_source, eval_source = data.InMemory(train_source), data.InMemory(eval_source)
+      print(f'decoded {len(train_source) + len(eval_source):,} images into memory in '
+            f'{time.perf_counter() - load_start:.1f} s', flush=True)
     train_iter = iter(data.train_dataset(
         train_source, train_preprocess, local_batch, seed=config.seed,
         process_index=jax.process_index(), process_count=process_count,

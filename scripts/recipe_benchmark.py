@@ -42,7 +42,7 @@ def bare_worker(config_spec: str, data_dir: str, overrides: list[str]) -> dict:
   mesh = parallel.make_mesh(config.parallel.mesh)
   batches = device_data.TrainBatches(len(source), config.batch_size, config.seed,
                                      device_data.augment_from_config(config))
-  arrays = jax.device_put(device_data.load_split(source), parallel.replicated(mesh))
+  arrays = jax.device_put(data.load_split(source), parallel.replicated(mesh))
   total_steps = batches.steps_per_epoch * config.num_epochs
   model_kwargs = {k: v for k, v in config.model.items() if k != 'name'}  # as the trainer's
   model = models.get_model(config.model.name, num_classes=info.features['label'].num_classes,

@@ -173,6 +173,20 @@ def test_real_prepared_split_reads_as_uint8_images(cifar_small):
   assert -1.0 <= batch['image'].min() and batch['image'].max() <= 1.0
 
 
+def test_a_split_in_memory_gives_the_same_batches_as_decoding_it(cifar_small):
+  source, _ = data.open_split(cifar_small['name'], 'train[:90%]', cifar_small['data_dir'])
+  in_memory = data.InMemory(source)
+  assert len(in_memory) == len(source) == 900
+  chex.assert_shape(in_memory.arrays['image'], (900, 32, 32, 3))
+  assert in_memory.arrays['image'].dtype == np.uint8
+  preprocess = data.Preprocess((0.5,) * 3, (0.5,) * 3, crop_padding=2, flip=True)
+  decoded = _take(iter(data.train_dataset(source, preprocess, 64, seed=1)), 16)  # > an epoch
+  chex.assert_trees_all_equal(
+      _take(iter(data.train_dataset(in_memory, preprocess, 64, seed=1)), 16), decoded)
+  chex.assert_trees_all_equal(list(data.eval_batches(in_memory, preprocess, 500)),
+                              list(data.eval_batches(source, preprocess, 500)))
+
+
 @pytest.mark.parametrize('name,split,message', [
     ('no_such_dataset', 'train', "dataset 'no_such_dataset' is not in"),
     ('cifar10_small', 'test', "split 'test' of 'cifar10_small' cannot be read"),

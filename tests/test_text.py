@@ -170,13 +170,19 @@ def test_prepare_train_generate_command_lines(tmp_path, capsys):
   assert prepare_text_cli.main([SOURCE, '--name', 'cli_text', '--data_dir', str(data_dir)]) == 0
   assert 'vocabulary of' in capsys.readouterr().out
   # Training runs as its own process, as a user runs it.
-  result = subprocess.run(
+  train = lambda *extra: subprocess.run(
       [sys.executable, '-m', 'jaxmodel.train', '--config=char_lm', f'--workdir={workdir}',
        '--config.dataset=cli_text', f'--config.data_dir={data_dir}', '--config.model.width=32',
        '--config.model.depth=1', '--config.model.num_heads=2', '--config.model.block_size=32',
        '--config.batch_size=16', '--config.num_epochs=1', '--config.eval_batch_size=16',
-       '--config.compilation_cache=False'],
+       '--config.compilation_cache=False', *extra],
       capture_output=True, text=True, timeout=600, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  refused = train('--config.data.in_memory=True')  # decoded images only
+  assert refused.returncode == 2
+  assert refused.stderr.strip().splitlines() == [
+      'error: data.in_memory holds decoded image splits; text is read as it is: set '
+      '--config.data.in_memory=False']
+  result = train()
   assert result.returncode == 0, result.stderr[-3000:]
   summary = json.load(open(workdir / 'summary.json'))
   np.testing.assert_allclose(summary['eval_bits_per_character'], summary['eval_loss'] / math.log(2))

@@ -107,6 +107,18 @@ def test_resume_continues_at_the_right_step_to_the_same_model(finished_run, cifa
   chex.assert_trees_all_equal(_final_arrays(interrupted, 64), _final_arrays(workdir, 64))
 
 
+def test_the_pipeline_decoding_every_epoch_resumes_to_the_same_model(finished_run, cifar_small,
+                                                                    tmp_path, cache_home):
+  workdir, stdout = finished_run
+  assert 'images into memory' in stdout  # the cifar config decodes its splits once
+  interrupted = _copy_stopped_at_32(workdir, tmp_path / 'interrupted')
+  stdout = _train(cifar_small, interrupted, '--config.data.in_memory=False', cache_home=cache_home)
+  assert f'resumed from {interrupted} at step 32' in stdout
+  assert 'images into memory' not in stdout
+  # The same batches from JPEGs decoded as they are read: bitwise the same final model.
+  chex.assert_trees_all_equal(_final_arrays(interrupted, 64), _final_arrays(workdir, 64))
+
+
 def test_resuming_with_another_config_is_refused(finished_run, cifar_small):
   workdir, _ = finished_run
   result = subprocess.run(
