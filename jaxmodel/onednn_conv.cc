@@ -6,13 +6,16 @@
 // and calls it from jitted code through jax.ffi.
 //
 // Each handler takes the geometry from its buffers' shapes and its attributes, finds (or makes
-// once, then caches) the oneDNN primitive for it, and reorders between our layouts and the
-// layouts the primitive prefers when they differ. Activations stay NHWC unless the `blocked`
+// once, then caches) the oneDNN primitive for it with its reorders, and reorders between our
+// layouts and the layouts the primitive prefers when they differ. Activations stay NHWC unless the `blocked`
 // attribute asks for the primitive's own layout (channels in blocks of 8, say), reordered here.
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <map>
+#include <new>
+#include <optional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -38,11 +41,42 @@ dnnl::engine& Engine() {
 
 // A primitive and the layouts it wants for the image, the kernel and the output (or their
 // gradients, by pass).
+// Each of the three tensors, kept in ours and the primitive's layout alike, has a reorder made
+// once: into the primitive's layout for what it reads, out of it for what it writes.
 struct Plan {
   dnnl::primitive conv;
   memory::desc image, kernel, output, scratchpad;
   memory::desc user_image, user_kernel, user_output;
+  std::optional<dnnl::reorder> reorder_image, reorder_kernel, reorder_output;
 };
+
+// A growing buffer of this thread's, for what one call needs only while it runs (the scratchpad,
+// tensors in the primitive's layout): allocated once, not on every call. A thread runs one
+// handler at a time, and XLA's concurrent thunks run on different threads.
+class Buffer {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes > size_ || !data_) {
+      size_ = (bytes + 64) / 64 * 64;  // never 0: aligned_alloc may return null for that
+      data_.reset(static_cast<char*>(std::aligned_alloc(64, size_)));
+      if (!data_) throw std::bad_alloc();
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(char* p) const { std::free(p); }
+  };
+  std::unique_ptr<char, Free> data_;
+  size_t size_ = 0;
+};
+
+// A reorder from `from` to `to`, or none when they are the same layout.
+std::optional<dnnl::reorder> MakeReorder(const memory::desc& from, const memory::desc& to) {
+  if (from == to) return std::nullopt;
+  return dnnl::reorder(dnnl::reorder::primitive_desc(Engine(), from, Engine(), to));
+}
 
 using Key = std::vector<int64_t>;
 
@@ -105,6 +139,13 @@ const Plan& GetPlan(Pass pass, int64_t threads, bool blocked, const memory::dims
     plan->kernel = backward.diff_weights_desc();
     plan->output = backward.diff_dst_desc();
   }
+  const bool writes_image = pass == kInputGrad, writes_kernel = pass == kKernelGrad;
+  const auto reorder = [](bool written, const memory::desc& user, const memory::desc& wanted) {
+    return written ? MakeReorder(wanted, user) : MakeReorder(user, wanted);
+  };
+  plan->reorder_image = reorder(writes_image, plan->user_image, plan->image);
+  plan->reorder_kernel = reorder(writes_kernel, plan->user_kernel, plan->kernel);
+  plan->reorder_output = reorder(pass == kForward, plan->user_output, plan->output);
   return *plans.emplace(key, std::move(plan)).first->second;
 }
 
@@ -151,21 +192,27 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, voi
                                ToDims(pad_lo), ToDims(pad_hi));
     dnnl::engine& engine = Engine();
     thread_local dnnl::stream stream(engine);
+    thread_local Buffer image_buffer, kernel_buffer, output_buffer, scratchpad_buffer;
     memory user_image(plan.user_image, engine, image);
     memory user_kernel(plan.user_kernel, engine, kernel);
     memory user_output(plan.user_output, engine, output);
     // Which of the three the primitive writes; the other two it reads.
     memory* written = pass == kForward ? &user_output
                       : pass == kInputGrad ? &user_image : &user_kernel;
-    auto prepare = [&](memory& user, const memory::desc& wanted) {
-      if (user.get_desc() == wanted) return user;
-      memory converted(wanted, engine);
-      if (&user != written) dnnl::reorder(user, converted).execute(stream, user, converted);
+    // The tensor in the primitive's layout: the user's buffer, or this thread's, reordered into
+    // if the primitive reads it.
+    auto prepare = [&](memory& user, const memory::desc& wanted,
+                       const std::optional<dnnl::reorder>& reorder, Buffer& buffer) {
+      if (!reorder) return user;
+      memory converted(wanted, engine, buffer.Get(wanted.get_size()));
+      if (&user != written) {
+        reorder->execute(stream, {{DNNL_ARG_FROM, user}, {DNNL_ARG_TO, converted}});
+      }
       return converted;
     };
-    memory image_memory = prepare(user_image, plan.image);
-    memory kernel_memory = prepare(user_kernel, plan.kernel);
-    memory output_memory = prepare(user_output, plan.output);
+    memory image_memory = prepare(user_image, plan.image, plan.reorder_image, image_buffer);
+    memory kernel_memory = prepare(user_kernel, plan.kernel, plan.reorder_kernel, kernel_buffer);
+    memory output_memory = prepare(user_output, plan.output, plan.reorder_output, output_buffer);
     std::unordered_map<int, memory> arguments;
     if (pass == kForward) {
       arguments = {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_WEIGHTS, kernel_memory},
@@ -177,16 +224,20 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_shape, voi
       arguments = {{DNNL_ARG_SRC, image_memory}, {DNNL_ARG_DIFF_WEIGHTS, kernel_memory},
                    {DNNL_ARG_DIFF_DST, output_memory}};
     }
-    arguments[DNNL_ARG_SCRATCHPAD] = memory(plan.scratchpad, engine);
+    arguments[DNNL_ARG_SCRATCHPAD] =
+        memory(plan.scratchpad, engine, scratchpad_buffer.Get(plan.scratchpad.get_size()));
     if (pass == kInputGrad && !CoversImage(image_shape, kernel_shape, strides, pad_lo, pad_hi)) {
       // The last rows or columns are in no window: their gradient is 0, which we write.
       std::memset(image_memory.get_data_handle(), 0, image_memory.get_desc().get_size());
     }
     plan.conv.execute(stream, arguments);
-    memory& result = pass == kForward ? output_memory
-                     : pass == kInputGrad ? image_memory : kernel_memory;
-    if (result.get_data_handle() != written->get_data_handle()) {
-      dnnl::reorder(result, *written).execute(stream, result, *written);
+    const std::optional<dnnl::reorder>& reorder_result =
+        pass == kForward ? plan.reorder_output
+        : pass == kInputGrad ? plan.reorder_image : plan.reorder_kernel;
+    if (reorder_result) {
+      memory& result = pass == kForward ? output_memory
+                       : pass == kInputGrad ? image_memory : kernel_memory;
+      reorder_result->execute(stream, {{DNNL_ARG_FROM, result}, {DNNL_ARG_TO, *written}});
     }
     stream.wait();
   } catch (const dnnl::error& error) {
