@@ -31,5 +31,8 @@ def get_config():
   config.optimizer.weight_decay = 0.0
   config.optimizer.schedule = 'constant'
   config.log_every_steps = 1000
+  # As the tutorial program: no gradient norm, which took ~10% of these batch-4 steps on XLA:CPU
+  # (experiments/README.md).
+  config.log_grad_norm = False
   config.checkpoint_every_steps = 5000
   return config

@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.compute_dtype = 'float32'
   config.compilation_cache = True  # executables kept in ~/.cache/jaxmodel (compile_cache.py)
   config.log_every_steps = 50
+  # Log the gradients' global norm (train_grad_norm). Saved states are checked for non-finite
+  # values either way; it costs a reduction over every gradient each step.
+  config.log_grad_norm = True
   config.checkpoint_every_steps = 1000  # and at the end of training
   config.keep_checkpoints = 3
   # Also keep the best N checkpoints by the validation best_metric, saved at every evaluation

@@ -267,8 +267,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
                   make_batch: Callable[[Any, jax.Array], dict] | None = None,
                   steps_per_call: int = 1, eval_tta: str = 'none',
-                  compiler: Callable[[Any, tuple, str], Any] = compile_cache.compile_plain
-                  ) -> tuple[Step | DeviceSteps, Step]:
+                  compiler: Callable[[Any, tuple, str], Any] = compile_cache.compile_plain,
+                  grad_norm: bool = True) -> tuple[Step | DeviceSteps, Step]:
   """(train, eval) steps for `strategy`; the train step is compiled now for `local_batch`'s shape.
 
   The train step donates the state it is given, which must be laid out as `state_shardings`.
@@ -277,6 +277,7 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
   with `steps_per_call` > 1 it can also run that many steps in one call (`lax.scan`).
   The eval step averages over the test-time augmentations `eval_tta` (steps.tta_logits).
   `compiler(jitted, args, name)` compiles the train steps (compile_cache.Compiler: across runs).
+  Without `grad_norm` the train step's metrics leave out the gradients' norm.
   """
   check_strategy(strategy, mesh)
   shardings = state_shardings(state, mesh)
@@ -292,7 +293,7 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
 
     def step_on_device_data(state, inputs):
       made = jax.lax.with_sharding_constraint(make_batch(inputs, state.step), batch)
-      return train_step(state, made)
+      return train_step(state, made, grad_norm=grad_norm)
 
     def steps_on_device_data(state, inputs):
       return jax.lax.scan(lambda state, _: step_on_device_data(state, inputs), state,
@@ -305,12 +306,13 @@ def compile_steps(strategy: str, mesh: Mesh, state: Any, local_batch: dict,
     return (DeviceSteps(compile(step_on_device_data, 'step'), many, steps_per_call),
             Step(eval_fn, batch, pad_to=local_shards))
   if strategy == 'jit':
-    step = train_step
+    step = functools.partial(train_step, grad_norm=grad_norm)
   else:
     # check_vma=False: the classic pmap semantics (per-device gradients, explicit pmean); the
     # batch slices over 'data' and everything else is replicated.
-    step = jax.shard_map(functools.partial(train_step, axis_name='data'), mesh=mesh,
-                         in_specs=(P(), P('data')), out_specs=(P(), P()), check_vma=False)
+    per_device = functools.partial(train_step, axis_name='data', grad_norm=grad_norm)
+    step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('data')),
+                         out_specs=(P(), P()), check_vma=False)
   train_fn = jax.jit(step, in_shardings=(shardings, batch), out_shardings=(shardings, replicated),
                      donate_argnums=0)
   global_shapes = {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(), *v.shape[1:]),

@@ -113,9 +113,10 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, examp
                     average=lookahead.init(params, model_state) if lookahead else None)
 
 
-def train_step(state: TrainState, batch: dict, axis_name: str | None = None
-               ) -> tuple[TrainState, dict]:
-  """One optimizer step on `batch`; returns the new state and the batch's mean loss/accuracy.
+def train_step(state: TrainState, batch: dict, axis_name: str | None = None,
+               grad_norm: bool = True) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch`; returns the new state and the batch's mean loss/accuracy,
+  and with `grad_norm` the gradients' global norm.
 
   Under shard_map, `axis_name` names the device axis the batch is split over: gradients and
   metrics are averaged over it (BatchNorm statistics too, by the model's `norm_axis_name`).
@@ -143,8 +144,9 @@ def train_step(state: TrainState, batch: dict, axis_name: str | None = None
                                                           average)
   new_state = state.replace(step=state.step + 1, params=params, model_state=model_state,
                             opt_state=opt_state, average=average)
-  metrics = {'loss': loss, 'accuracy': accuracy,
-             'grad_norm': optax.tree.norm(grads)}
+  metrics = {'loss': loss, 'accuracy': accuracy}
+  if grad_norm:
+    metrics['grad_norm'] = optax.tree.norm(grads)
   return new_state, metrics
 
 

@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
                      'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks',
-                     'data.in_memory')
+                     'data.in_memory', 'log_grad_norm')
 
 
 class TrainError(RuntimeError):
@@ -238,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         mesh.devices.flat)
   train_fn, eval_fn = parallel.compile_steps(config.parallel.strategy, mesh, state, batch,
                                              make_batch, config.steps_per_dispatch,
-                                             'none' if vocab else config.eval_tta, compiler)
+                                             'none' if vocab else config.eval_tta, compiler,
+                                             config.log_grad_norm)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   loaded = getattr(compiler, 'loaded', [])

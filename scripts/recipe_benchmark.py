@@ -56,7 +56,7 @@ def bare_worker(config_spec: str, data_dir: str, overrides: list[str]) -> dict:
   state = parallel.put(state, parallel.state_shardings(state, mesh))
   inputs = device_data.StepInputs(batches, arrays, 0)
   train_fn, _ = parallel.compile_steps('jit', mesh, state, next(inputs), batches.from_inputs,
-                                       config.steps_per_dispatch)
+                                       config.steps_per_dispatch, grad_norm=config.log_grad_norm)
   per_call = config.steps_per_dispatch
   # The permutation of each epoch, made before timing: the loop below only calls the steps.
   epoch_inputs = [next(device_data.StepInputs(batches, arrays, e * batches.steps_per_epoch))

@@ -41,6 +41,18 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch(name, kwargs):
   assert float(metrics['loss']) < 0.7 * float(first['loss'])
 
 
+def test_grad_norm_is_the_gradients_global_norm_and_optional():
+  state, batch = _state('seed_cnn'), _batch()
+  grads = jax.grad(lambda p: jnp.mean(cross_entropy_loss(
+      state.apply_fn({'params': p}, batch['image'], train=True), batch['label'])))(state.params)
+  with_norm, metrics = jax.jit(train_step)(state, batch)
+  flat = jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+  np.testing.assert_allclose(metrics['grad_norm'], jnp.sqrt(jnp.sum(flat ** 2)), rtol=1e-5)
+  without, metrics_without = jax.jit(functools.partial(train_step, grad_norm=False))(state, batch)
+  assert set(metrics_without) == {'loss', 'accuracy'}
+  chex.assert_trees_all_close(without.params, with_norm.params, rtol=1e-6, atol=1e-8)
+
+
 def test_train_step_updates_batchnorm_statistics():
   state = _state('resnet', stage_sizes=(1,), width=4)
   before = state.model_state['batch_stats']
