@@ -4,7 +4,7 @@ batch 4, 2 epochs, no augmentation, inputs normalized to [-1, 1].
 The PyTorch tutorial reports about 55% test accuracy. Measured against the PyTorch tutorial
 program on the same data (scripts/recipe_benchmark.py, experiments/README.md): on an AMD EPYC
 Zen 1 (AVX2), 55.40% validation accuracy at 3,209 train images/s against 54.24% at 912 (3.52x);
-on an Intel Ice Lake (AVX-512), 54.34% at 5,007 images/s against 53.04% at 2,083 (2.40x).
+on an Intel Ice Lake (AVX-512), 54.34% at 4,763 images/s against 53.04% at 1,782 (2.67x).
 """
 
 from jaxmodel.config import base_config
