@@ -21,6 +21,7 @@ Wall times mean nothing on a shared machine; the figures are counts.
 """
 
 import argparse
+import json
 import os
 import random
 import re
@@ -52,6 +53,16 @@ def _checkpoints(workdir: str) -> tuple[list[int], list[str]]:
   except FileNotFoundError:
     return [], []
   return sorted(int(n) for n in names if n.isdigit()), [n for n in names if 'tmp' in n]
+
+
+def _training_seconds(reference: str, start_from: str | None) -> float:
+  """The seconds of train steps the reference ran past `start_from`'s newest checkpoint, from its
+  summary.json, shortened by a margin: a random kill within them lands while a run trains."""
+  summary = json.load(open(os.path.join(reference, 'summary.json')))
+  batch_size = json.load(open(os.path.join(reference, 'config.json')))['batch_size']
+  done = _checkpoints(start_from)[0][-1] if start_from else 0
+  rate = summary.get('train_images_per_second')
+  return 0.8 * (summary['step'] - done) * batch_size / rate if rate else 30.0
 
 
 def final_arrays(workdir: str) -> dict:
@@ -138,7 +149,7 @@ def chaos(args: list[str], root: str, kills: int, seed: int = 0, reference: str 
       raise SystemExit(f'the reference run failed; see {out}')
     run_seconds = time.monotonic() - start  # from the compiled step to the end
   else:
-    run_seconds = 30.0
+    run_seconds = _training_seconds(reference, start_from)
   expected = final_arrays(reference)
   figures = {'kills': 0, 'kills_during_save': 0, 'resumes': 0, 'resumes_worked': 0,
              'rounds': 0, 'rounds_bitwise_equal': 0, 'partial_checkpoints_left': 0,
