@@ -49,8 +49,8 @@ def base_config() -> ml_collections.ConfigDict:
   # With data.on_device: run this many train steps per call into the device (a compiled loop),
   # for small steps bound by per-call costs. The steps, their data and randomness are the same.
   config.steps_per_dispatch = 1
-  # With the Grain pipeline: decode both image splits once into host memory and slice batches out
-  # of them, instead of decoding every image again every epoch (for data that fits in memory).
+  # With the Grain pipeline: decode both image splits once into host memory (whole, in every
+  # process) and slice batches out of them, instead of decoding every image every epoch.
   config.data.in_memory = False
   config.data.num_workers = 0  # Grain worker processes; 0 prepares batches in background threads
   config.data.prefetch = 4  # batches prepared ahead

@@ -7,17 +7,17 @@
 //
 // Each handler takes the geometry from its buffers' shapes and its attributes, finds (or makes
 // once, then caches) the oneDNN primitive for it with its reorders, and reorders between our
-// layouts and the layouts the primitive prefers when they differ. Activations stay NHWC unless the `blocked`
-// attribute asks for the primitive's own layout (channels in blocks of 8, say), reordered here.
+// layouts and the layouts the primitive prefers when they differ. Activations stay NHWC unless
+// the `blocked` attribute asks for the primitive's own layout (channels in blocks of 8, say).
 
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
-#include <new>
-#include <optional>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -40,8 +40,7 @@ dnnl::engine& Engine() {
 }
 
 // A primitive and the layouts it wants for the image, the kernel and the output (or their
-// gradients, by pass).
-// Each of the three tensors, kept in ours and the primitive's layout alike, has a reorder made
+// gradients, by pass). Each of the three whose layout differs from ours has a reorder, made
 // once: into the primitive's layout for what it reads, out of it for what it writes.
 struct Plan {
   dnnl::primitive conv;
