@@ -326,6 +326,16 @@ def measure(framework: str, model_name: str, batch_size: int, spec: dict, args) 
   return result
 
 
+def commit() -> str:
+  """This checkout's commit for a results file, saying so when tracked files were changed."""
+  git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+  described = git('rev-parse', '--short', 'HEAD') or 'unknown'
+  if git('status', '--porcelain', '--untracked-files=no'):
+    described += ' with uncommitted changes'
+  return described
+
+
 def machine() -> str:
   try:
     lscpu = subprocess.run(['lscpu'], capture_output=True, text=True).stdout
@@ -408,11 +418,6 @@ def main(argv=None) -> None:
   text = table(results)
   print(text)
   if args.out:
-    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    commit = git('rev-parse', '--short', 'HEAD') or 'unknown'
-    if git('status', '--porcelain', '--untracked-files=no'):
-      commit += ' with uncommitted changes'
     command = ' '.join(shlex.quote(a) for a in ['python', 'scripts/benchmark.py', *sys.argv[1:]])
     raw = '\n'.join(json.dumps({'model': m, 'batch': b, 'framework': f, **{
         k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
@@ -422,7 +427,7 @@ def main(argv=None) -> None:
     with open(args.out, 'w') as f:
       f.write(f'# Train-step throughput: jaxmodel (JAX) vs PyTorch eager, CPU\n\n'
               f'- command: `{command}`\n'
-              f'- commit: {commit}\n'
+              f'- commit: {commit()}\n'
               f'- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n'
               f'- machine: {machine()}\n'
               f'- PyTorch threads: torch.set_num_threads({args.torch_threads}); huge pages '

@@ -24,7 +24,6 @@ import argparse
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -136,16 +135,11 @@ def main(argv=None) -> None:
   text = table(results)
   print(text)
   if args.out:
-    git = lambda *a: subprocess.run(['git', *a], capture_output=True, text=True,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    commit = git('rev-parse', '--short', 'HEAD') or 'unknown'
-    if git('status', '--porcelain', '--untracked-files=no'):
-      commit += ' with uncommitted changes'
     command = ' '.join(shlex.quote(a) for a in ['python', 'scripts/pipeline_benchmark.py',
                                                 *sys.argv[1:]])
     with open(args.out, 'w') as f:
       f.write(f'# Input pipeline vs train step, CPU\n\n- command: `{command}`\n'
-              f'- commit: {commit}\n- machine: {benchmark.machine()}\n'
+              f'- commit: {benchmark.commit()}\n- machine: {benchmark.machine()}\n'
               f'- data: {args.dataset} {args.split}; rounds: {args.rounds}, about '
               f'{args.seconds:g} s timed each, pipeline and step alternating\n\n'
               f'Method: the docstring of scripts/pipeline_benchmark.py.\n\n{text}\n')

@@ -148,12 +148,10 @@ def main(argv=None) -> None:
   if args.out:
     command = shlex.join(['python', 'scripts/recipe_benchmark.py', *(argv or sys.argv[1:])])
     sys.path.insert(0, HERE)
-    import benchmark  # scripts/benchmark.py: the machine's description
-    commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
-                            text=True, cwd=HERE).stdout.strip() or 'unknown'
+    import benchmark  # scripts/benchmark.py: the commit's and the machine's descriptions
     with open(args.out, 'a') as f:
       f.write(f'\n`{command}` ({time.strftime("%Y-%m-%d %H:%M")}, '
-              f'{time.perf_counter() - start:.0f} s; commit {commit}; {benchmark.machine()}):'
+              f'{time.perf_counter() - start:.0f} s; commit {benchmark.commit()}; {benchmark.machine()}):'
               f'\n\n{text}\n')
 
 
