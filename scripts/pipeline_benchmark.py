@@ -50,14 +50,8 @@ def pipeline_rate(dataset, batch_size: int, seconds: float) -> dict:
 
 
 def step_rate(spec: dict, batch_size: int, seconds: float) -> dict:
-  import jax
-  compiled, state, batch, _ = benchmark.jax_step(spec, batch_size)
-  holder = [state]
-
-  def step():
-    holder[0], _ = compiled(holder[0], batch)
-
-  result = benchmark.timed_run(step, lambda: jax.block_until_ready(holder[0]), seconds)
+  """Images/s of the config's compiled train step, timed as scripts/benchmark.py times it."""
+  result = benchmark.jax_worker(spec['model']['name'], batch_size, spec, seconds)
   return {'images_per_s': result['steps'] * batch_size / result['seconds'],
           'steps': result['steps']}
 
