@@ -34,5 +34,9 @@ def get_config():
   # As the tutorial program: no gradient norm, which took ~10% of these batch-4 steps on XLA:CPU
   # (experiments/README.md).
   config.log_grad_norm = False
+  # XLA:CPU on one thread: its operations here take microseconds, and waking the second core's
+  # thread for each cost more (1.20-1.31x faster on one, experiments/README.md). The
+  # convolutions of batch 4 already run on one (jaxmodel/onednn.py).
+  config.parallel.cpu_threads = 1
   config.checkpoint_every_steps = 5000
   return config

@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.parallel = ml_collections.ConfigDict()
   config.parallel.strategy = 'jit'  # 'jit' (sharded jax.jit) or 'shard_map' (pmap style, data only)
   config.parallel.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1})  # -1: the rest
+  # Threads XLA:CPU runs a step's operations on (its pool, as PJRT_NPROC sets it); 0: one per
+  # core. Steps of a few microseconds per operation run faster on one: waking a second thread
+  # for every operation costs more than sharing the work saves.
+  config.parallel.cpu_threads = 0
   # Several processes (hosts): jax.distributed.initialize. 'auto' starts it when a coordinator is
   # given (here or $JAX_COORDINATOR_ADDRESS) or under SLURM with several tasks; 'always' (TPU pod
   # slices, other clusters JAX detects) or 'never'. Unset values come from the environment.
@@ -328,6 +332,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       (all(0 < m <= 1 for m in config.accuracy_marks),
        'accuracy_marks must be accuracies in (0, 1]'),
       (config.steps_per_dispatch >= 1, 'steps_per_dispatch must be >= 1'),
+      (config.parallel.cpu_threads >= 0, 'parallel.cpu_threads must be >= 0 (0: one per core)'),
       (config.steps_per_dispatch == 1 or config.data.on_device,
        'steps_per_dispatch > 1 needs data.on_device=True'),
       (config.keep_best_checkpoints >= 0, 'keep_best_checkpoints must be >= 0'),

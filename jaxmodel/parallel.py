@@ -19,11 +19,13 @@ share of the data and `global_batch` assembles the global array from the process
 import functools
 import math
 import os
+import sys
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: as jax.distributed.initialize checks
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxmodel import compile_cache, onednn
@@ -72,6 +74,23 @@ def initialize_distributed(config: Any) -> bool:
   # None lets JAX read the rest from its environment variables or the cluster (SLURM, TPU, ...).
   jax.distributed.initialize(coordinator_address=config.coordinator_address,
                              num_processes=config.num_processes, process_id=config.process_id)
+  return True
+
+
+def set_cpu_threads(threads: int) -> bool:
+  """Sizes XLA:CPU's thread pool for a step's operations (0: one per core); True if it applies.
+
+  JAX reads the size (PJRT_NPROC) when it starts its CPU backend, so this must come before
+  anything touches the devices; afterwards it only warns. A PJRT_NPROC set by the user stands
+  when `threads` is 0.
+  """
+  if threads == 0 or os.environ.get('PJRT_NPROC') == str(threads):
+    return True
+  if xla_bridge.backends_are_initialized():
+    print(f'warning: parallel.cpu_threads={threads} not applied: JAX had started its backends; '
+          f'set PJRT_NPROC={threads} in the environment instead', file=sys.stderr, flush=True)
+    return False
+  os.environ['PJRT_NPROC'] = str(threads)
   return True
 
 

@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = ('log_every_steps', 'checkpoint_every_steps', 'keep_checkpoi
                      'parallel.mesh.fsdp', 'parallel.mesh.tensor', 'distributed.initialize',
                      'distributed.coordinator_address', 'distributed.num_processes',
                      'distributed.process_id', 'steps_per_dispatch', 'accuracy_marks',
-                     'data.in_memory', 'log_grad_norm')
+                     'data.in_memory', 'log_grad_norm', 'parallel.cpu_threads')
 
 
 class TrainError(RuntimeError):
@@ -110,7 +110,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   wall_start = time.perf_counter()
   if config.compilation_cache:
     compile_cache.enable_xla_cache()
-  parallel.initialize_distributed(config.distributed)  # before anything touches the devices
+  # Both before anything touches the devices.
+  parallel.set_cpu_threads(config.parallel.cpu_threads)
+  parallel.initialize_distributed(config.distributed)
   is_main = jax.process_index() == 0
   unwritable = faults.check_writable(workdir)
   if unwritable:

@@ -38,6 +38,7 @@ def bare_worker(config_spec: str, data_dir: str, overrides: list[str]) -> dict:
   config = load_config(config_spec)
   for setting in overrides:
     override(config, *setting.split('=', 1))
+  parallel.set_cpu_threads(config.parallel.cpu_threads)  # as the trainer does, before the devices
   source, info = data.open_split(config.dataset, config.train_split, data_dir)
   mesh = parallel.make_mesh(config.parallel.mesh)
   batches = device_data.TrainBatches(len(source), config.batch_size, config.seed,

@@ -3,6 +3,7 @@
   python parallel_worker.py single OUT            1 process, 8 devices: every strategy, K steps
   python parallel_worker.py two OUT PORT ID       process ID of 2 (4 devices each), 127.0.0.1:PORT
   python parallel_worker.py resume OUT            1 process, 1 device: resumes the 2-process checkpoint
+  python parallel_worker.py threads OUT N         1 process, 1 device, XLA:CPU on N threads
 
 Every run trains the same small ResNet (BatchNorm, SGD with momentum) from the same init on the
 same global batches and writes its final params and BatchNorm statistics to OUT/NAME.npz.
@@ -130,6 +131,13 @@ def resume(out):
               train(restored, one_device, 'jit', batches(K, 2 * K)))
 
 
+def threads(out, count):
+  assert parallel.set_cpu_threads(count)  # before JAX starts
+  one_device = mesh_of(1, 1, 1)
+  save_arrays(out, f'threads_{count}', train(new_state(one_device), one_device, 'jit',
+                                             batches(0, K)))
+
+
 if __name__ == '__main__':
   mode, out, *rest = sys.argv[1:]
-  {'single': single, 'two': two, 'resume': resume}[mode](out, *map(int, rest))
+  {'single': single, 'two': two, 'resume': resume, 'threads': threads}[mode](out, *map(int, rest))

@@ -59,6 +59,7 @@ def runs(tmp_path_factory):
   port = _free_port()
   _wait(_run(out, 'two', port, 0, devices=4), _run(out, 'two', port, 1, devices=4))
   _wait(_run(out, 'resume', devices=1))
+  _wait(_run(out, 'threads', 1, devices=1))
   return out
 
 
@@ -69,6 +70,12 @@ def test_strategies_match_one_device(runs, name):
   chex.assert_trees_all_close(result, reference, atol=TOLERANCE, rtol=0)
   # The runs did train: 3 steps moved the params far beyond the tolerance.
   assert _max_difference(reference, _load(runs, 'reference_2K')) > 100 * TOLERANCE
+
+
+def test_xla_on_one_thread_matches_its_default_threads(runs):
+  reference, result = _load(runs, 'reference_K'), _load(runs, 'threads_1')
+  print(f'max abs difference after 3 steps {_max_difference(reference, result):.2e}')
+  chex.assert_trees_all_close(result, reference, atol=TOLERANCE, rtol=0)
 
 
 def test_fsdp_and_tensor_shard_the_kernels(runs):
@@ -146,3 +153,27 @@ def test_cli_refuses_a_mesh_or_batch_that_does_not_fit(tmp_path, devices, overri
   assert result.returncode == 2
   assert message in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
+
+
+_COUNT_THREADS = """
+import os, sys
+from jaxmodel import parallel
+applied = parallel.set_cpu_threads(int(sys.argv[1]))
+import jax.numpy as jnp
+(jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
+late = parallel.set_cpu_threads(int(sys.argv[1]) + 1)  # JAX has started: too late
+comms = [open(f'/proc/self/task/{task}/comm').read().strip() for task in os.listdir('/proc/self/task')]
+print(applied, late, comms.count('tf_XLAEigen'))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
+@pytest.mark.parametrize('threads', [1, 3])
+def test_cpu_threads_sizes_xla_pool_before_jax_starts(threads):
+  env = {k: v for k, v in os.environ.items() if k != 'PJRT_NPROC'}
+  result = subprocess.run([sys.executable, '-c', _COUNT_THREADS, str(threads)], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  # XLA names its pool's threads tf_XLAEigen; 3 is more than this machine's cores.
+  assert result.stdout.split() == ['True', 'False', str(threads)]
+  assert f'set PJRT_NPROC={threads + 1} in the environment instead' in result.stderr
