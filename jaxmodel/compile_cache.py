@@ -1,12 +1,16 @@
 """Compiled programs kept across runs, so that a second run starts without tracing or compiling.
 
 Two layers, both in the user's cache dir ($XDG_CACHE_HOME/jaxmodel, else ~/.cache/jaxmodel):
-  xla/          JAX's persistent compilation cache. It skips XLA's compile, but Python still
-                traces and lowers the step (about 1 s for the cifar step on a CPU).
+  xla-cpuN/     JAX's persistent compilation cache. It skips XLA's compile, but Python still
+                traces and lowers the step (about 1 s for the cifar step on a CPU). JAX's key
+                leaves out the size N of XLA:CPU's thread pool, for which the program's loops
+                are split: a directory per size keeps a program split for two threads from
+                being run on one.
   executables/  the train step's executable itself (jax.experimental.serialize_executable), under
                 a key made of what the traced program depends on: jaxmodel's source files, the
                 caller's description (config, dataset size, ...), the arguments' shapes, dtypes
-                and shardings, the devices, the library versions, JAX's flags and XLA_FLAGS.
+                and shardings, the devices, the library versions, JAX's flags, XLA_FLAGS and
+                the thread pool's size.
                 A hit skips tracing too.
 Code outside jaxmodel that changes without a version change (a monkeypatch, an edited file in
 site-packages) is not in the key: run such experiments with config.compilation_cache=False, or
@@ -36,9 +40,20 @@ def cache_dir() -> str:
   return os.path.join(cache_home, 'jaxmodel')
 
 
+def cpu_threads() -> int:
+  """The size of XLA:CPU's thread pool in this process: PJRT_NPROC, else the CPUs it may use."""
+  nproc = os.environ.get('PJRT_NPROC', '')
+  if nproc.isdigit() and int(nproc) > 0:
+    return int(nproc)
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def enable_xla_cache() -> str:
-  """Turns on JAX's persistent compilation cache in the user's cache dir; returns the dir."""
-  path = os.path.join(cache_dir(), 'xla')
+  """Turns on JAX's persistent compilation cache in the user's cache dir; returns the dir.
+
+  Call it after parallel.set_cpu_threads: the directory depends on the thread pool's size.
+  """
+  path = os.path.join(cache_dir(), f'xla-cpu{cpu_threads()}')
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
   return path
@@ -66,7 +81,7 @@ def _environment() -> list:
   env = sorted((k, v) for k, v in os.environ.items()
                if v and (k == 'XLA_FLAGS' or k.startswith('JAXMODEL_')))
   from jaxmodel import onednn  # whether the convolutions are oneDNN's changes the program
-  return [sys.version, versions, flags, env, _source_digest(), onednn.available()]
+  return [sys.version, versions, flags, env, _source_digest(), onednn.available(), cpu_threads()]
 
 
 def _describe(tree: Any) -> list:

@@ -108,11 +108,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   preemption = preemption or faults.Preemption()  # not installed: never requested
   wall_start = time.perf_counter()
-  if config.compilation_cache:
-    compile_cache.enable_xla_cache()
-  # Both before anything touches the devices.
+  # Before anything touches the devices; the compilation cache depends on the threads.
   parallel.set_cpu_threads(config.parallel.cpu_threads)
   parallel.initialize_distributed(config.distributed)
+  if config.compilation_cache:
+    compile_cache.enable_xla_cache()
   is_main = jax.process_index() == 0
   unwritable = faults.check_writable(workdir)
   if unwritable:

@@ -106,8 +106,36 @@ def test_the_key_covers_jaxmodels_source_and_xla_flags(monkeypatch):
   assert compile_cache.program_key(['x'], args, jax.devices()[:1]) != key
   monkeypatch.setenv('XLA_FLAGS', flags)
   assert compile_cache.program_key(['x'], args, jax.devices()[:1]) == key
+  monkeypatch.setenv('PJRT_NPROC', str(compile_cache.cpu_threads() + 1))
+  assert compile_cache.program_key(['x'], args, jax.devices()[:1]) != key
+  monkeypatch.delenv('PJRT_NPROC')
   monkeypatch.setattr(compile_cache, '_source_digest', lambda: 'edited')
   assert compile_cache.program_key(['x'], args, jax.devices()[:1]) != key
+
+
+_SPLIT = '''
+import re, jax, jax.numpy as jnp
+from jaxmodel import compile_cache
+compile_cache.enable_xla_cache()
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+x = jnp.ones((400, 120))
+text = jax.jit(lambda a, b: a * 0.9 + b).lower(x, x).compile().as_text()
+print(len(re.findall(r'outer_dimension_partitions":\\["[2-9]', text)))
+'''
+
+
+def test_jaxs_cache_never_serves_a_program_split_for_another_thread_count(tmp_path):
+  def split_loops(threads):
+    result = subprocess.run(
+        [sys.executable, '-c', _SPLIT], capture_output=True, text=True, timeout=300,
+        env={**os.environ, 'XDG_CACHE_HOME': str(tmp_path), 'JAX_PLATFORMS': 'cpu',
+             'PJRT_NPROC': str(threads)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout)
+
+  assert split_loops(2) == 1  # XLA splits the loop for 2 threads, and JAX's cache keeps it
+  assert split_loops(1) == 0  # the same program for 1 thread: compiled for 1, not loaded
+  assert split_loops(2) == 1
 
 
 _RUN = '''
