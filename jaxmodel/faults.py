@@ -83,17 +83,24 @@ def check_finite(history: list[dict], first_step: int) -> None:
     step += len(values['loss'])
 
 
+_STATE_FIELDS = ('params', 'model_state', 'opt_state', 'average')
+
+
 @jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
+def _finite_fields(fields: dict) -> dict:
+  """Per field, whether all its floating-point values are finite: one program for the state."""
+  def all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
+  return {name: all_finite(tree) for name, tree in fields.items()}
 
 
 def check_state_finite(state, step: int) -> None:
   """Raises NonFiniteError if any parameter, model state or optimizer state is not finite."""
-  for field in ('params', 'model_state', 'opt_state', 'average'):
-    if not bool(_all_finite(getattr(state, field))):
+  finite = jax.device_get(_finite_fields({f: getattr(state, f) for f in _STATE_FIELDS}))
+  for field in _STATE_FIELDS:
+    if not finite[field]:
       raise NonFiniteError(f'{field} became non-finite by step {step}')
 
 

@@ -242,6 +242,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                              make_batch, config.steps_per_dispatch,
                                              'none' if vocab else config.eval_tta, compiler,
                                              config.log_grad_norm)
+  # Compiles the check before every save (a quarter second, not to be timed as training), and
+  # checks a restored or initialized state.
+  faults.check_state_finite(state, step)
   compile_seconds = time.perf_counter() - compile_start
   flops_per_step = (train_fn.cost_analysis() or {}).get('flops', 0.0)
   loaded = getattr(compiler, 'loaded', [])
