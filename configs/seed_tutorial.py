@@ -4,7 +4,7 @@ batch 4, 2 epochs, no augmentation, inputs normalized to [-1, 1].
 The PyTorch tutorial reports about 55% test accuracy. Measured against the PyTorch tutorial
 program on the same data (scripts/recipe_benchmark.py, experiments/README.md): on an AMD EPYC
 Zen 1 (AVX2), 55.40% validation accuracy at 3,209 train images/s against 54.24% at 912 (3.52x);
-on an Intel Ice Lake (AVX-512), 54.34% at 4,763 images/s against 53.04% at 1,782 (2.67x).
+on an Intel Ice Lake (AVX-512), 54.34% at 6,933 images/s against 53.04% at 1,953 (3.55x).
 """
 
 from jaxmodel.config import base_config
@@ -35,7 +35,7 @@ def get_config():
   # (experiments/README.md).
   config.log_grad_norm = False
   # XLA:CPU on one thread: its operations here take microseconds, and waking the second core's
-  # thread for each cost more (1.20-1.31x faster on one, experiments/README.md). The
+  # thread for each cost more (1.15-1.31x faster on one, experiments/README.md). The
   # convolutions of batch 4 already run on one (jaxmodel/onednn.py).
   config.parallel.cpu_threads = 1
   config.checkpoint_every_steps = 5000
