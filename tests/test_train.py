@@ -15,6 +15,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxmodel import compile_cache
+
 STEPS_PER_EPOCH, EPOCHS = 16, 4  # 800 train images in batches of 50
 
 
@@ -57,7 +59,8 @@ def cache_home(tmp_path_factory):
 def finished_run(cifar_small, tmp_path_factory, cache_home):
   workdir = str(tmp_path_factory.mktemp('run'))
   stdout = _train(cifar_small, workdir, cache_home=cache_home)
-  assert os.listdir(cache_home / 'jaxmodel' / 'xla'), 'the compilation cache stayed empty'
+  xla_cache = cache_home / 'jaxmodel' / f'xla-cpu{compile_cache.cpu_threads()}'
+  assert os.listdir(xla_cache), 'the compilation cache stayed empty'
   return workdir, stdout
 
 
