@@ -151,6 +151,14 @@ def test_the_flops_of_onednn_convolutions_are_counted():
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).compile().as_text()
   # Forward, input and kernel gradients: each 2 x (outputs 2x5x5x5) x (3x3x4 products per output).
   assert onednn.flops(hlo) == 3 * 2 * (2 * 5 * 5 * 5) * (3 * 3 * 4)
+  # Stride 1 to 5 channels: the forward pass and the kernel gradient in column pairs.
+  x = jnp.ones((2, 8, 8, 4))
+  hlo = jax.jit(jax.grad(lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME'))),
+                         argnums=(0, 1))).lower(x, kernel).compile().as_text()
+  paired = [line for line in hlo.splitlines()
+            if 'custom-call' in line and 'paired_columns/' in line]
+  assert len(paired) == 2
+  assert onednn.flops(hlo) == 3 * 2 * (2 * 8 * 8 * 5) * (3 * 3 * 4)
 
 
 def test_onednn_convolutions_vmap():
