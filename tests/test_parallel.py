@@ -162,7 +162,8 @@ applied = parallel.set_cpu_threads(int(sys.argv[1]))
 import jax.numpy as jnp
 (jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
 late = parallel.set_cpu_threads(int(sys.argv[1]) + 1)  # JAX has started: too late
-comms = [open(f'/proc/self/task/{task}/comm').read().strip() for task in os.listdir('/proc/self/task')]
+comms = [open(f'/proc/self/task/{task}/comm').read().strip()
+         for task in os.listdir('/proc/self/task')]
 print(applied, late, comms.count('tf_XLAEigen'))
 """
 
