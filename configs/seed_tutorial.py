@@ -4,7 +4,7 @@ batch 4, 2 epochs, no augmentation, inputs normalized to [-1, 1].
 The PyTorch tutorial reports about 55% test accuracy. Measured against the PyTorch tutorial
 program on the same data (scripts/recipe_benchmark.py, experiments/README.md): on an AMD EPYC
 Zen 1 (AVX2), 55.40% validation accuracy at 3,209 train images/s against 54.24% at 912 (3.52x);
-on an Intel Ice Lake (AVX-512), 54.34% at 6,933 images/s against 53.04% at 1,953 (3.55x).
+on an Intel Ice Lake (AVX-512), 55.24% at 7,781 images/s against 53.04% at 2,095 (3.71x).
 """
 
 from jaxmodel.config import base_config

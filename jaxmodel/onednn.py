@@ -127,8 +127,9 @@ def _paired(kernel, strides) -> bool:
   # oneDNN's NHWC kernels vectorize over output channels (16 floats with AVX-512). A stride-1
   # convolution to few channels (the tutorial CNN's first: 6) is computed two output columns at
   # a time instead: a kernel one column wider with both columns' channels, at stride 2 in width.
-  # Its output is the plain output's memory. Forward 1.2x, kernel gradient 1.5x faster at
-  # batch 128 and 512 (experiments/README.md); the extra column's zeros add 20% to the FLOPs.
+  # Its output is the plain output's memory. In the tutorial CNN's step the kernel gradient ran
+  # 1.45-1.77x faster at batch 4-512, the forward pass 1.0-2.4x, though the zero column adds
+  # 20% to the work (experiments/README.md).
   return kernel.shape[3] <= _PAIRED_MAX_CHANNELS and tuple(strides) == (1, 1)
 
 
