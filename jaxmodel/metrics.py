@@ -6,6 +6,7 @@ one plain line per report, readable in a log file.
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -110,6 +111,24 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
     matmul(a).block_until_ready()
     times.append(time.perf_counter() - start)
   return 2 * n**3 / float(np.median(times))
+
+
+def peak_matmul_flops() -> float:
+  """`measure_matmul_flops` with XLA's whole thread pool: the peak MFU is measured against.
+
+  A run that gave XLA:CPU fewer threads than it has cores (parallel.cpu_threads, PJRT_NPROC)
+  would measure only its threads' share of the machine in-process; a fresh process with one
+  thread per core measures the machine (~3 s more, at the end of such a run).
+  """
+  if 'PJRT_NPROC' not in os.environ or jax.default_backend() != 'cpu':
+    return measure_matmul_flops()
+  environment = {k: v for k, v in os.environ.items() if k != 'PJRT_NPROC'}
+  result = subprocess.run(
+      [sys.executable, '-c', 'from jaxmodel import metrics; print(metrics.measure_matmul_flops())'],
+      env=environment, capture_output=True, text=True, timeout=600)
+  if result.returncode != 0:  # e.g. no memory left for a second process: the run's own threads
+    return measure_matmul_flops()
+  return float(result.stdout.split()[-1])
 
 
 class EarlyStopping:

@@ -359,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       summary['train_tokens_per_second'] = summary['train_images_per_second'] * example.shape[1]
   if summary['train_images_per_second'] and flops_per_step:
     achieved = flops_per_step * summary['train_images_per_second'] / local_batch
-    peak = metrics_lib.measure_matmul_flops()
+    peak = metrics_lib.peak_matmul_flops()
     summary |= {'train_flops_per_second': achieved, 'peak_matmul_flops_per_second': peak,
                 'model_flops_utilization': achieved / peak}
   if is_main:

@@ -178,3 +178,19 @@ def test_cpu_threads_sizes_xla_pool_before_jax_starts(threads):
   # XLA names its pool's threads tf_XLAEigen; 3 is more than this machine's cores.
   assert result.stdout.split() == ['True', 'False', str(threads)]
   assert f'set PJRT_NPROC={threads + 1} in the environment instead' in result.stderr
+
+
+def test_mfu_peak_is_measured_with_xla_s_whole_pool(monkeypatch):
+  from jaxmodel import metrics
+  children = []
+
+  def run(command, env, **kwargs):
+    children.append(env)
+    return subprocess.CompletedProcess(command, 0, stdout='1.5e11\n', stderr='')
+
+  monkeypatch.setattr(metrics.subprocess, 'run', run)
+  monkeypatch.setenv('PJRT_NPROC', '1')  # this process's pool: one thread
+  assert metrics.peak_matmul_flops() == 1.5e11
+  assert 'PJRT_NPROC' not in children[0]  # the child has one thread per core
+  monkeypatch.delenv('PJRT_NPROC')
+  assert metrics.peak_matmul_flops() > 0 and len(children) == 1  # the whole pool: in-process
