@@ -40,12 +40,17 @@ def cache_dir() -> str:
   return os.path.join(cache_home, 'jaxmodel')
 
 
+def cpu_cores() -> int:
+  """The CPUs this process may run on."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def cpu_threads() -> int:
-  """The size of XLA:CPU's thread pool in this process: PJRT_NPROC, else the CPUs it may use."""
+  """The size of XLA:CPU's thread pool in this process: PJRT_NPROC, else one per core."""
   nproc = os.environ.get('PJRT_NPROC', '')
   if nproc.isdigit() and int(nproc) > 0:
     return int(nproc)
-  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return cpu_cores()
 
 
 def enable_xla_cache() -> str:

@@ -16,6 +16,8 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from jaxmodel import compile_cache
+
 
 class MetricWriter:
   """Appends {'step': ..., **metrics} to metrics.jsonl and writes TensorBoard scalars."""
@@ -120,7 +122,7 @@ def peak_matmul_flops() -> float:
   would measure only its threads' share of the machine in-process; a fresh process with one
   thread per core measures the machine (~3 s more, at the end of such a run).
   """
-  if 'PJRT_NPROC' not in os.environ or jax.default_backend() != 'cpu':
+  if compile_cache.cpu_threads() >= compile_cache.cpu_cores() or jax.default_backend() != 'cpu':
     return measure_matmul_flops()
   environment = {k: v for k, v in os.environ.items() if k != 'PJRT_NPROC'}
   result = subprocess.run(

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jaxmodel import parallel
+from jaxmodel import compile_cache, parallel
 
 WORKER = pathlib.Path(__file__).with_name('parallel_worker.py')
 # float32 sums in another order: 3 SGD steps from the same init differ by ~1e-7 here.
@@ -189,8 +189,11 @@ def test_mfu_peak_is_measured_with_xla_s_whole_pool(monkeypatch):
     return subprocess.CompletedProcess(command, 0, stdout='1.5e11\n', stderr='')
 
   monkeypatch.setattr(metrics.subprocess, 'run', run)
-  monkeypatch.setenv('PJRT_NPROC', '1')  # this process's pool: one thread
+  monkeypatch.setattr(compile_cache, 'cpu_cores', lambda: 4)
+  monkeypatch.setenv('PJRT_NPROC', '1')  # this process's pool: one thread of 4 cores
   assert metrics.peak_matmul_flops() == 1.5e11
   assert 'PJRT_NPROC' not in children[0]  # the child has one thread per core
+  monkeypatch.setenv('PJRT_NPROC', '4')  # the whole pool: measured in-process
+  assert metrics.peak_matmul_flops() > 0 and len(children) == 1
   monkeypatch.delenv('PJRT_NPROC')
-  assert metrics.peak_matmul_flops() > 0 and len(children) == 1  # the whole pool: in-process
+  assert metrics.peak_matmul_flops() > 0 and len(children) == 1
