@@ -179,7 +179,7 @@ def _kernel_grad(x, kernel, grad, strides, padding, threads):
   b, h, w, c = grad.shape
   grad = jnp.pad(grad, ((0, 0), (0, 0), (0, w % 2), (0, 0))).reshape(b, h, -1, 2 * c)
   with jax.named_scope(_PAIRED_SCOPE):
-    pairs = _call('kernel_grad', as_struct(_pair_kernel(kernel)), x, grad, strides=(1, 2),
+    pairs = _call('kernel_grad', jax.eval_shape(_pair_kernel, kernel), x, grad, strides=(1, 2),
                   padding=_pair_padding(x, kernel, padding), threads=threads)
   return pairs[:, :-1, :, :c] + pairs[:, 1:, :, c:]  # _pair_kernel's transpose
 
