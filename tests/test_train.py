@@ -229,3 +229,22 @@ def test_a_full_disk_while_saving_stops_cleanly_and_keeps_the_previous_checkpoin
                          f'large); the newest complete one (step 32) is intact')
   assert _complete_steps(stopped) == [16, 32]
   chex.assert_trees_all_equal(_final_arrays(stopped, 32), _final_arrays(workdir, 32))
+
+
+def test_mfu_peak_is_the_larger_of_before_and_after_training(cifar_small, tmp_path, monkeypatch):
+  # A shared host can run slower at the end of a long run than at its start; the end's peak
+  # alone once made a run's MFU read 112%.
+  from jaxmodel import metrics, train
+  from jaxmodel.configs import cifar
+  peaks = iter([4e12, 1e9])  # before training, after it
+  monkeypatch.setattr(metrics, 'peak_matmul_flops', lambda: next(peaks))
+  config = cifar.get_config()
+  config.update_from_flattened_dict({
+      'dataset': cifar_small['name'], 'data_dir': cifar_small['data_dir'],
+      'train_split': 'train[:10%]', 'eval_split': 'train[90%:]', 'model.widths': (8, 16, 16),
+      'batch_size': 50, 'num_epochs': 1, 'compilation_cache': False})
+  summary = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert summary['peak_matmul_flops_per_second'] == 4e12
+  np.testing.assert_allclose(summary['model_flops_utilization'],
+                             summary['train_flops_per_second'] / 4e12)
+  assert next(peaks, None) is None  # measured twice
