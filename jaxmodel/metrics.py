@@ -120,7 +120,7 @@ def peak_matmul_flops() -> float:
 
   A run that gave XLA:CPU fewer threads than it has cores (parallel.cpu_threads, PJRT_NPROC)
   would measure only its threads' share of the machine in-process; a fresh process with one
-  thread per core measures the machine (~3 s more, at the end of such a run).
+  thread per core measures the machine (~3 s more each time; train.py measures before and after).
   """
   if compile_cache.cpu_threads() >= compile_cache.cpu_cores() or jax.default_backend() != 'cpu':
     return measure_matmul_flops()
