@@ -252,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         f'per step{"; loaded as saved by an earlier run" if loaded else ""})', flush=True)
   # The machine's speed drifts over a long run on a shared host: the MFU's peak is the larger
   # of a measurement now and one after training, so a slow end cannot read as MFU over 100%.
-  peak_before_training = metrics_lib.peak_matmul_flops() if flops_per_step else 0.0
+  peak_before_training = (metrics_lib.peak_matmul_flops()
+                          if flops_per_step and step < total_steps else 0.0)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   progress = metrics_lib.Progress(total_steps, step, enabled=is_main)

@@ -248,3 +248,6 @@ def test_mfu_peak_is_the_larger_of_before_and_after_training(cifar_small, tmp_pa
   np.testing.assert_allclose(summary['model_flops_utilization'],
                              summary['train_flops_per_second'] / 4e12)
   assert next(peaks, None) is None  # measured twice
+  # Resuming the finished run trains nothing: no peak, no MFU (next(peaks) would raise).
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert 'model_flops_utilization' not in resumed
