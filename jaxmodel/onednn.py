@@ -106,7 +106,7 @@ def supports(kernel_shape: tuple, strides: tuple) -> bool:
 
 
 def _threads(x, kernel) -> int:
-  """1 for convolutions too small to share, else 0: all of OpenMP's threads."""
+  """1 for convolutions too small to share, else 0: split by batch over XLA's threads."""
   # Measured on 2 cores (experiments/README.md): the tutorial CNN's step at batch 4 ran 1.2x
   # faster with its convolutions on one thread, 0.89x on two; at batch 128 two were 1.3x faster.
   macs = x.size * kernel.shape[0] * kernel.shape[1] * kernel.shape[3]  # ~ the forward's, x stride^2

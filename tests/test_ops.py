@@ -6,6 +6,8 @@ no compiler) on image patches and matmuls. Both paths are tested.
 
 import os
 import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -29,6 +31,10 @@ CASES = [  # input (B, H, W, C), kernel (kh, kw, C, O), strides, padding
     ((2, 9, 9, 12), (3, 3, 12, 16), (1, 1), 'SAME'),
     ((2, 10, 10, 8), (3, 3, 8, 5), (2, 2), 'VALID'),  # the last row and column in no window
     ((2, 10, 10, 3), (3, 3, 3, 4), (2, 2), 'VALID'),  # the same, blocked
+    # Big enough to split by batch over XLA's threads: 3 uneven shares, blocked input gradient;
+    # 2 shares, strided, the last row and column in no window.
+    ((131, 16, 16, 4), (3, 3, 4, 8), (1, 1), 'SAME'),
+    ((70, 12, 12, 8), (3, 3, 8, 16), (2, 2), 'VALID'),
 ]
 
 
@@ -91,6 +97,43 @@ def test_gathered_patches_equal_concatenated_patches(x_shape, k_shape, strides, 
   chex.assert_trees_all_equal(patches, ref_patches)
   cotangent = jnp.asarray(np.random.default_rng(2).normal(size=patches.shape), jnp.float32)
   chex.assert_trees_all_close(gathered_vjp(cotangent), concatenated_vjp(cotangent), rtol=1e-6)
+
+
+_SPLIT_RUN = '''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from jaxmodel import onednn
+x_shape, k_shape = (131, 16, 16, 4), (3, 3, 4, 8)
+assert onednn.available()
+assert onednn._threads(np.zeros(x_shape), np.zeros(k_shape)) == 0  # split, not on one thread
+rng = np.random.default_rng(0)
+x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape))
+pads = ((1, 1), (1, 1))
+def loss(conv):
+  return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1)))
+fast = loss(lambda x, k: onednn.conv(x, k, (1, 1), pads))
+xla = loss(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads,
+                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+first, again, reference = fast(x, kernel), fast(x, kernel), xla(x, kernel)
+same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
+error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+            for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(reference)))
+print(same, error)
+'''
+
+
+def test_a_convolution_split_over_four_threads_matches_xla():
+  # PJRT_NPROC=4: XLA's pool has 4 threads whatever this machine's cores, so the batch of 131
+  # goes out in 4 shares, claimed by whichever thread is free; the kernel gradient sums them in
+  # share order, so two runs agree to the bit.
+  env = {**os.environ, 'PJRT_NPROC': '4', 'JAX_PLATFORMS': 'cpu'}
+  result = subprocess.run([sys.executable, '-c', _SPLIT_RUN], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  same, error = result.stdout.split()
+  assert same == 'True'
+  assert float(error) < 1e-5
 
 
 def test_large_narrow_inputs_take_the_gather():
