@@ -19,6 +19,7 @@ share of the data and `global_batch` assembles the global array from the process
 import functools
 import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -77,13 +78,31 @@ def initialize_distributed(config: Any) -> bool:
   return True
 
 
+def local_cpu_devices() -> int:
+  """How many CPU devices JAX makes in this process: 1, or the fake ones asked for to test sharding
+  (jax_num_cpu_devices, or --xla_force_host_platform_device_count in XLA_FLAGS)."""
+  configured = jax.config.jax_num_cpu_devices
+  if configured and configured > 0:
+    return configured
+  flags = os.environ.get('XLA_FLAGS', '')
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)', flags)
+  return int(match.group(1)) if match else 1
+
+
 def set_cpu_threads(threads: int) -> bool:
   """Sizes XLA:CPU's thread pool for a step's operations (0: one per core); True if it applies.
 
+  With several CPU devices in one process the pool gets at least two threads per device: XLA:CPU
+  runs every device's collectives on it, and with fewer a device's all-gather could wait on a
+  device whose work sat queued behind it, until XLA aborted the process after 40 s (the tutorial
+  CNN's 'jit' step on 2 devices and 2 threads: 2 runs in 3; experiments/README.md).
   JAX reads the size (PJRT_NPROC) when it starts its CPU backend, so this must come before
   anything touches the devices; afterwards it only warns. A PJRT_NPROC set by the user stands
   when `threads` is 0.
   """
+  devices = local_cpu_devices()
+  if devices > 1 and 'PJRT_NPROC' not in os.environ and not xla_bridge.backends_are_initialized():
+    threads = max(threads or compile_cache.cpu_cores(), 2 * devices)
   if threads == 0 or os.environ.get('PJRT_NPROC') == str(threads):
     return True
   if xla_bridge.backends_are_initialized():

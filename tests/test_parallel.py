@@ -197,3 +197,31 @@ def test_mfu_peak_is_measured_with_xla_s_whole_pool(monkeypatch):
   assert metrics.peak_matmul_flops() > 0 and len(children) == 1
   monkeypatch.delenv('PJRT_NPROC')
   assert metrics.peak_matmul_flops() > 0 and len(children) == 1
+
+
+_POOL_FOR_DEVICES = """
+import os, sys
+from jaxmodel import parallel
+assert parallel.set_cpu_threads(int(sys.argv[1]))
+import jax.numpy as jnp
+(jnp.ones((256, 256)) @ jnp.ones((256, 256))).block_until_ready()
+comms = [open(f'/proc/self/task/{task}/comm').read().strip()
+         for task in os.listdir('/proc/self/task')]
+print(parallel.local_cpu_devices(), comms.count('tf_XLAEigen'))
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='counts threads in /proc')
+@pytest.mark.parametrize('devices,threads,nproc,pool', [
+    (2, 1, None, 4), (2, 0, None, 4), (3, 8, None, 8), (1, 1, None, 1), (2, 0, '3', 3)])
+def test_several_cpu_devices_get_two_pool_threads_each(devices, threads, nproc, pool):
+  # Fewer let XLA:CPU's collectives deadlock (experiments/README.md, session 15); a PJRT_NPROC
+  # set by the user stands.
+  env = {k: v for k, v in os.environ.items() if k != 'PJRT_NPROC'}
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  if nproc:
+    env['PJRT_NPROC'] = nproc
+  result = subprocess.run([sys.executable, '-c', _POOL_FOR_DEVICES, str(threads)], env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == [str(devices), str(pool)]
