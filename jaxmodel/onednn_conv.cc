@@ -155,15 +155,15 @@ const Plan& GetPlan(Pass pass, int64_t threads, bool blocked, const memory::dims
   return *plans.emplace(key, std::move(plan)).first->second;
 }
 
-// oneDNN's dims are (N, C, H, W) and (O, I, H, W) whatever the layout in memory.
 using Shape = std::vector<int64_t>;
 
-// OpenMP's thread count as the process started (the first call is outside any parallel region).
+// OpenMP's thread count as the process started.
 int AllThreads() {
   static const int threads = omp_get_max_threads();
   return threads;
 }
 
+// oneDNN's dims are (N, C, H, W) and (O, I, H, W) whatever the layout in memory.
 memory::dims ImageDims(const Shape& nhwc) {
   return {nhwc[0], nhwc[3], nhwc[1], nhwc[2]};
 }
@@ -282,7 +282,8 @@ struct Shares {
 // images through one-thread primitives, instead of one primitive on OpenMP's threads. No thread
 // then waits on another inside a primitive, no OpenMP team contends with XLA's threads for the
 // cores, and a share fits in its core's cache. The tutorial CNN's step ran 1.2-1.3x faster at
-// batch 128, 1.1-1.2x at 512; the wider airbench nets the same (experiments/README.md).
+// batch 128, 1.1-1.2x at 512; the wider airbench nets' steps kept their speed
+// (experiments/README.md).
 // A kernel gradient sums the shares' gradients, always in the same order.
 ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_dims, void* kernel,
                ffi::Span<const int64_t> kernel_dims, void* output,
@@ -373,7 +374,7 @@ ffi::Error InputGrad(F32 output_grad, F32 kernel, ffi::ResultBuffer<ffi::F32> im
 
 ffi::Error KernelGrad(F32 image, F32 output_grad, ffi::ResultBuffer<ffi::F32> kernel_grad,
                       Ints strides, Ints pad_lo, Ints pad_hi, int64_t threads, bool blocked,
-                     ffi::ThreadPool pool) {
+                      ffi::ThreadPool pool) {
   return Run(kKernelGrad, image.untyped_data(), image.dimensions(), kernel_grad->untyped_data(),
              kernel_grad->dimensions(), output_grad.untyped_data(), output_grad.dimensions(),
              strides, pad_lo, pad_hi, threads, blocked, pool);

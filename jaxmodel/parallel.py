@@ -79,8 +79,8 @@ def initialize_distributed(config: Any) -> bool:
 
 
 def local_cpu_devices() -> int:
-  """How many CPU devices JAX makes in this process: 1, or the fake ones asked for to test sharding
-  (jax_num_cpu_devices, or --xla_force_host_platform_device_count in XLA_FLAGS)."""
+  """How many CPU devices JAX makes in this process: 1, or the fake ones asked for to test
+  sharding (jax_num_cpu_devices, or --xla_force_host_platform_device_count in XLA_FLAGS)."""
   configured = jax.config.jax_num_cpu_devices
   if configured and configured > 0:
     return configured
