@@ -100,7 +100,6 @@ def test_gathered_patches_equal_concatenated_patches(x_shape, k_shape, strides, 
 
 
 _SPLIT_RUN = '''
-import sys
 import jax, jax.numpy as jnp, numpy as np
 from jax import lax
 from jaxmodel import onednn
