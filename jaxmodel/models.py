@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 import functools
 
 import flax.linen as nn
+from flax.linen import linear
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,26 @@ from jaxmodel.transformer import GPT, ViT
 
 # Every model's convolutions: XLA's on GPU/TPU, a faster weight gradient on CPU (see ops.py).
 Conv = functools.partial(nn.Conv, conv_general_dilated=ops.conv_general_dilated)
+
+
+class ConvReluPool(nn.Module):
+  """`nn.Conv` (VALID) then relu and max pooling by non-overlapping `window`s.
+
+  Its parameters are nn.Conv's, 'kernel' (HWIO) and 'bias', initialized as nn.Conv does. On CPU
+  the bias, relu and pooling run as one pass each way (ops.bias_relu_max_pool).
+  """
+  features: int
+  kernel_size: tuple[int, int]
+  window: tuple[int, int] = (2, 2)
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', linear.default_kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    y = ops.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return ops.bias_relu_max_pool(y, bias, self.window)
 
 
 class SeedCNN(nn.Module):
@@ -33,8 +54,8 @@ class SeedCNN(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     drop = lambda y: nn.Dropout(self.dropout, deterministic=not train)(y)
-    x = ops.max_pool(nn.relu(Conv(6, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
-    x = ops.max_pool(nn.relu(Conv(16, (5, 5), padding='VALID')(x)), (2, 2), (2, 2))
+    x = ConvReluPool(6, (5, 5), name='Conv_0')(x)
+    x = ConvReluPool(16, (5, 5), name='Conv_1')(x)
     x = x.reshape(x.shape[0], -1)
     x = drop(nn.relu(nn.Dense(120)(x)))
     x = drop(nn.relu(nn.Dense(84)(x)))

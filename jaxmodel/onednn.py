@@ -6,12 +6,13 @@ large convolution's forward and backward passes ran 5.7x faster (experiments/REA
 primitives: NHWC float32 images, an HWIO float32 kernel, no dilation, one group. It is called
 from jitted code like any op; jaxmodel.ops chooses it on CPU.
 
-The handlers (onednn_conv.cc, next to this file) are compiled once with the C++ compiler ($CXX,
-else g++) against jaxlib's FFI headers and the oneDNN wheels (onednn-cpu-gomp and its -devel
-headers, dependencies on x86-64 Linux), and kept in the user's cache dir. `available()` says
-whether that worked; if not, jaxmodel warns once and uses XLA's convolutions.
-JAXMODEL_ONEDNN=0 turns the oneDNN path off; JAXMODEL_ONEDNN_BLOCKED=0 keeps every activation
-NHWC (to measure what the blocked input gradient below is worth). Both are read at trace time.
+The handlers (onednn_conv.cc next to this file, and pool.cc, the pooling that jaxmodel.ops
+calls) are compiled once with the C++ compiler ($CXX, else g++) against jaxlib's FFI headers and
+the oneDNN wheels (onednn-cpu-gomp and its -devel headers, dependencies on x86-64 Linux), and
+kept in the user's cache dir. `available()` says whether that worked; if not, jaxmodel warns
+once and uses XLA's convolutions. JAXMODEL_ONEDNN=0 turns both off; JAXMODEL_ONEDNN_BLOCKED=0
+keeps every activation NHWC (to measure what the blocked input gradient below is worth). Both
+are read at trace time.
 """
 
 import ctypes
@@ -35,9 +36,11 @@ from jax import lax
 
 from jaxmodel import compile_cache
 
-_SOURCE = pathlib.Path(__file__).with_name('onednn_conv.cc')
-_TARGETS = {'forward': 'JaxmodelConvForward', 'input_grad': 'JaxmodelConvInputGrad',
-            'kernel_grad': 'JaxmodelConvKernelGrad'}
+_SOURCES = [pathlib.Path(__file__).with_name(name) for name in ('onednn_conv.cc', 'pool.cc')]
+_HEADERS = [pathlib.Path(__file__).with_name('shares.h')]
+_TARGETS = {'conv_forward': 'JaxmodelConvForward', 'conv_input_grad': 'JaxmodelConvInputGrad',
+            'conv_kernel_grad': 'JaxmodelConvKernelGrad',
+            'pool_forward': 'JaxmodelPoolForward', 'pool_backward': 'JaxmodelPoolBackward'}
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 _SHARED_MIN_MACS = 2**22
 _BLOCKED_MAX_CHANNELS = 7
@@ -61,10 +64,12 @@ def _build() -> pathlib.Path:
   compiler = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
   if not compiler:
     raise FileNotFoundError('no C++ compiler: install g++ or set CXX')
-  command = [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w', str(_SOURCE),
-             f'-I{jax.ffi.include_dir()}', f'-I{include_dir}', f'-L{lib_dir}', '-ldnnl',
-             f'-Wl,-rpath,{lib_dir}']
-  key = hashlib.sha256(repr([_SOURCE.read_bytes(), command, importlib.metadata.version('jaxlib'),
+  # -O3: pool.cc's loops are written for the vectorizer, which -O2 mostly leaves off.
+  command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
+             *map(str, _SOURCES), f'-I{jax.ffi.include_dir()}', f'-I{include_dir}',
+             f'-L{lib_dir}', '-ldnnl', f'-Wl,-rpath,{lib_dir}']
+  sources = [path.read_bytes() for path in _SOURCES + _HEADERS]
+  key = hashlib.sha256(repr([sources, command, importlib.metadata.version('jaxlib'),
                              importlib.metadata.version('onednn-cpu-gomp')]).encode())
   path = pathlib.Path(compile_cache.cache_dir(), 'onednn', key.hexdigest()[:16],
                       'libjaxmodel_conv.so')
@@ -74,7 +79,7 @@ def _build() -> pathlib.Path:
     done = subprocess.run([*command, '-o', str(temporary)], capture_output=True, text=True)
     if done.returncode != 0:
       errors = [line for line in done.stderr.splitlines() if 'error' in line] or ['(no message)']
-      raise RuntimeError(f'{compiler} could not build {_SOURCE.name}: {errors[0].strip()}')
+      raise RuntimeError(f'{compiler} could not build the handlers: {errors[0].strip()}')
     os.replace(temporary, path)
   return path
 
@@ -94,7 +99,7 @@ def available() -> bool:
     return False
   for name, symbol in _TARGETS.items():
     handler = jax.ffi.pycapsule(getattr(library, symbol))
-    jax.ffi.register_ffi_target(f'jaxmodel_conv_{name}', handler, platform='cpu')
+    jax.ffi.register_ffi_target(f'jaxmodel_{name}', handler, platform='cpu')
   return True
 
 

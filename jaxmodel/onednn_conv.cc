@@ -12,8 +12,6 @@
 // A convolution big enough to share between threads is split by batch over XLA's own threads.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -30,6 +28,7 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "shares.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
@@ -255,28 +254,6 @@ ffi::Error RunOnce(Pass pass, void* image, const Shape& image_shape, void* kerne
   return ffi::Error::Success();
 }
 
-// The shares of one call's batch, claimed in order by whichever thread is free: the calling
-// thread and the helpers it schedules on XLA's pool. The calling thread claims shares until none
-// is left, so the call never waits on a helper still queued behind other work (or behind
-// itself); it waits only for shares that are running.
-struct Shares {
-  explicit Shares(int count) : count(count), left(count) {}
-  int Claim() { return next.fetch_add(1); }  // a share, or >= count: none left
-  void Finish() {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (--left == 0) finished.notify_all();
-  }
-  void Wait() {
-    std::unique_lock<std::mutex> lock(mutex);
-    finished.wait(lock, [this] { return left == 0; });
-  }
-  const int count;
-  std::atomic<int> next{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-  int left;  // shares not finished yet
-};
-
 // Runs `pass` as RunOnce does, except that a convolution for all threads (threads 0) is split by
 // batch: the calling thread and XLA's pool threads each take shares of up to kShareImages
 // images through one-thread primitives, instead of one primitive on OpenMP's threads. No thread
@@ -324,22 +301,7 @@ ffi::Error Run(Pass pass, void* image, ffi::Span<const int64_t> image_dims, void
                                strides, pad_lo, pad_hi, 1, blocked);
     if (error.failure()) errors[share] = error.message();
   };
-  // A helper that finds no share left returns at once, touching only `shares`: it may run after
-  // this call has returned. A claimed share always finishes before this call returns.
-  auto shares = std::make_shared<Shares>(parts);
-  for (int64_t helper = 0; helper < helpers; ++helper) {
-    pool.Schedule([shares, run = &run_share] {
-      for (int share = shares->Claim(); share < shares->count; share = shares->Claim()) {
-        (*run)(share);
-        shares->Finish();
-      }
-    });
-  }
-  for (int share = shares->Claim(); share < parts; share = shares->Claim()) {
-    run_share(share);
-    shares->Finish();
-  }
-  shares->Wait();
+  jaxmodel::RunShares(pool, helpers, parts, run_share);
   for (const std::string& error : errors) {
     if (!error.empty()) return ffi::Error::Internal(error);
   }

@@ -13,8 +13,11 @@ Drop-ins, chosen at lowering time by `lax.platform_dependent` (GPU and TPU keep 
   trace (for jax.export).
 - `max_pool` for `nn.max_pool` with non-overlapping windows: a reshape and a max, whose gradient
   is a compare and a select (tied maxima share the gradient, as JAX's max does).
+- `bias_relu_max_pool(x, bias, window)` for `nn.max_pool(nn.relu(x + bias), window, window)`: a
+  convolution's bias, activation and pooling (models.ConvReluPool). On CPU for float32, one pass
+  each way by jaxmodel/pool.cc, built with the oneDNN convolutions; its gradient is JAX's.
 Set JAXMODEL_XLA_CONV=1 to use XLA's own convolution and pooling on CPU too (for comparisons),
-JAXMODEL_ONEDNN=0 for the patch paths.
+JAXMODEL_ONEDNN=0 for the patch paths and the reshape pooling.
 """
 
 import contextlib
@@ -25,11 +28,16 @@ import os
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxmodel import onednn
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+# Pooling of fewer elements runs on one thread: waking another costs more than it saves. The
+# tutorial CNN's first pooling and its gradient took 330 us split and 260 on one thread at batch
+# 32 (150k elements), 790 and 1040 at batch 128 (600k).
+_POOL_SHARED_MIN_SIZE = 2**18
 
 
 def _conv(x, kernel, strides, padding):
@@ -169,11 +177,17 @@ def portable():
     _portable.reset(token)
 
 
+def _native_kernels() -> bool:
+  """Whether this trace may call jaxmodel's compiled kernels (oneDNN's convolutions, pool.cc)."""
+  # The switch first: `available` builds and loads the kernels, and remembers if it could not.
+  return (not _portable.get() and os.environ.get('JAXMODEL_ONEDNN') != '0'
+          and onednn.available())
+
+
 def _use_onednn(lhs, rhs, strides) -> bool:
-  return (lhs.dtype == rhs.dtype == jnp.float32 and not _portable.get()
-          and onednn.supports(rhs.shape, strides)
+  return (lhs.dtype == rhs.dtype == jnp.float32 and onednn.supports(rhs.shape, strides)
           and all(isinstance(n, int) for n in lhs.shape)  # not a symbolic batch
-          and os.environ.get('JAXMODEL_ONEDNN') != '0' and onednn.available())
+          and _native_kernels())
 
 
 def _reshape_max_pool(x, window):
@@ -207,12 +221,61 @@ def _window_max_backward(residuals, grad):
 _window_max.defvjp(_window_max_forward, _window_max_backward)
 
 
+def _native_pool_call(name, results, *operands, window):
+  small = operands[0].size < _POOL_SHARED_MIN_SIZE
+  # 'sequential': under vmap, one call per example of the mapped axis.
+  return jax.ffi.ffi_call(f'jaxmodel_{name}', results, vmap_method='sequential')(
+      *operands, window=np.asarray(window, np.int64), threads=np.int64(1 if small else 0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _native_bias_relu_max_pool(x, bias, window):
+  (wh, ww), (b, h, w, c) = window, x.shape
+  pooled = jax.ShapeDtypeStruct((b, h // wh, w // ww, c), x.dtype)
+  return _native_pool_call('pool_forward', pooled, x, bias, window=window)
+
+
+def _native_bias_relu_max_pool_forward(x, bias, window):
+  return _native_bias_relu_max_pool(x, bias, window), (x, bias)
+
+
+def _native_bias_relu_max_pool_backward(window, residuals, grad):
+  x, bias = residuals
+  as_struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  return tuple(_native_pool_call('pool_backward', (as_struct(x), as_struct(bias)), x, bias,
+                                 grad, window=window))
+
+
+_native_bias_relu_max_pool.defvjp(_native_bias_relu_max_pool_forward,
+                                  _native_bias_relu_max_pool_backward)
+
+
+def _non_overlapping(x, window_shape, strides, padding) -> bool:
+  return (x.ndim == 4 and tuple(strides or (1, 1)) == tuple(window_shape) and padding == 'VALID'
+          and os.environ.get('JAXMODEL_XLA_CONV') != '1')
+
+
 def max_pool(x, window_shape, strides=None, padding='VALID'):
   """`nn.max_pool`, faster on CPU when windows do not overlap (strides == window, VALID, NHWC)."""
   xla = functools.partial(nn.max_pool, window_shape=window_shape, strides=strides,
                           padding=padding)
-  if (x.ndim != 4 or tuple(strides or (1, 1)) != tuple(window_shape) or padding != 'VALID'
-      or os.environ.get('JAXMODEL_XLA_CONV') == '1'):
+  if not _non_overlapping(x, window_shape, strides, padding):
     return xla(x)
   fast = functools.partial(_reshape_max_pool, window=tuple(window_shape))
   return lax.platform_dependent(x, cpu=fast, default=xla)
+
+
+def _cpu_bias_relu_max_pool(x, bias, window):
+  if x.dtype == bias.dtype == jnp.float32 and _native_kernels():
+    return _native_bias_relu_max_pool(x, bias, window)
+  return _reshape_max_pool(nn.relu(x + bias), window)
+
+
+def bias_relu_max_pool(x, bias, window_shape):
+  """`nn.max_pool(nn.relu(x + bias), window_shape, strides=window_shape)` for NHWC x and a bias
+  of its channels: a convolution's bias, activation and pooling. On CPU, one pass each way."""
+  xla = lambda x, bias: nn.max_pool(nn.relu(x + bias), window_shape, window_shape)
+  if not _non_overlapping(x, window_shape, window_shape, 'VALID'):
+    return xla(x, bias)
+  fast = functools.partial(_cpu_bias_relu_max_pool, window=tuple(window_shape))
+  return lax.platform_dependent(x, bias, cpu=fast, default=xla)

@@ -1,6 +1,7 @@
 """Model shapes, registry and the airbench initializers."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +40,18 @@ def test_seed_cnn_has_the_pytorch_tutorial_layers():
                     'Dense_1': (120, 84), 'Dense_2': (84, 10)}
   # The same count torch reports for the tutorial's Net: sum(p.numel() for p in net.parameters()).
   assert count_params(params) == 62006
+
+
+def test_the_seed_cnns_conv_relu_pool_is_flaxs_conv_relu_and_pool():
+  # Its parameters are nn.Conv's, initialized alike, so checkpoints of either load in the other.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 13, 13, 3)), jnp.float32)
+  fused, conv = models.ConvReluPool(4, (3, 3)), nn.Conv(4, (3, 3), padding='VALID')
+  variables = fused.init(jax.random.PRNGKey(0), x)
+  chex.assert_trees_all_equal(variables, conv.init(jax.random.PRNGKey(0), x))
+  variables = jax.tree.map(lambda p: p + 0.1, variables)  # a bias that is not 0
+  chex.assert_trees_all_close(jax.jit(fused.apply)(variables, x),
+                              nn.max_pool(nn.relu(conv.apply(variables, x)), (2, 2), (2, 2)),
+                              rtol=1e-5, atol=1e-6)
 
 
 def test_resnet18_stages_and_batchnorm_state():

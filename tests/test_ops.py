@@ -100,21 +100,24 @@ def test_gathered_patches_equal_concatenated_patches(x_shape, k_shape, strides, 
 
 
 _SPLIT_RUN = '''
-import jax, jax.numpy as jnp, numpy as np
+import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
 from jax import lax
-from jaxmodel import onednn
+from jaxmodel import onednn, ops
 x_shape, k_shape = (131, 16, 16, 4), (3, 3, 4, 8)
 assert onednn.available()
 assert onednn._threads(np.zeros(x_shape), np.zeros(k_shape)) == 0  # split, not on one thread
 rng = np.random.default_rng(0)
 x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape))
 pads = ((1, 1), (1, 1))
+bias = jnp.asarray(rng.normal(size=8), jnp.float32)
 def loss(conv):
-  return jax.jit(jax.value_and_grad(lambda x, k: jnp.sum(jnp.sin(conv(x, k))), argnums=(0, 1)))
-fast = loss(lambda x, k: onednn.conv(x, k, (1, 1), pads))
-xla = loss(lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pads,
-                                                 dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-first, again, reference = fast(x, kernel), fast(x, kernel), xla(x, kernel)
+  return jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(jnp.sin(conv(x, k, b))),
+                                    argnums=(0, 1, 2)))
+# Each convolution, and the pooling after it, split in shares.
+fast = loss(lambda x, k, b: ops.bias_relu_max_pool(onednn.conv(x, k, (1, 1), pads), b, (2, 2)))
+xla = loss(lambda x, k, b: nn.max_pool(nn.relu(lax.conv_general_dilated(
+    x, k, (1, 1), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b), (2, 2), (2, 2)))
+first, again, reference = fast(x, kernel, bias), fast(x, kernel, bias), xla(x, kernel, bias)
 same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again)))
 error = max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
             for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(reference)))
@@ -155,14 +158,14 @@ def test_a_symbolic_batch_exports(k_shape):
 
 
 def _custom_calls(hlo):
-  return [target for target in onednn._TARGETS if f'jaxmodel_conv_{target}' in hlo]
+  return [target for target in onednn._TARGETS if f'jaxmodel_{target}' in hlo]
 
 
 def test_cpu_convolutions_run_on_onednn():
   loss = lambda x, k: jnp.sum(jnp.sin(_fast(x, k, (1, 1), 'SAME')))
   args = jnp.ones((2, 9, 9, 16)), jnp.ones((3, 3, 16, 16))
   hlo = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
-  assert _custom_calls(hlo) == ['forward', 'input_grad', 'kernel_grad']
+  assert _custom_calls(hlo) == ['conv_forward', 'conv_input_grad', 'conv_kernel_grad']
   assert 'convolution(' not in hlo
   with ops.portable():  # e.g. jax.export: no library kernels in programs saved to run elsewhere
     hlo = jax.jit(loss).lower(*args).as_text()
@@ -269,6 +272,64 @@ def test_max_pool_shares_the_gradient_of_tied_maxima_as_jax_does():
   chex.assert_trees_all_equal(loss(lambda x: ops.max_pool(x, (2, 2), (2, 2)))(x), loss(plain)(x))
 
 
+POOL_CASES = [  # images (B, H, W, C), window
+    ((2, 8, 8, 6), (2, 2)),
+    ((3, 15, 13, 5), (2, 3)),  # the last row and column in no window
+    ((2, 9, 9, 16), (3, 3)),
+    ((90, 28, 28, 6), (2, 2)),  # big enough to split over XLA's threads
+]
+
+
+def _bias_relu_pools(window):
+  """jaxmodel's fused bias, relu and pooling, and Flax's, as sum(sin(.)) with both gradients."""
+  pools = {'fast': lambda x, b: ops.bias_relu_max_pool(x, b, window),
+           'flax': lambda x, b: nn.max_pool(nn.relu(x + b), window, window)}
+  return {k: jax.jit(jax.value_and_grad(lambda x, b: jnp.sum(jnp.sin(3 * f(x, b))),
+                                        argnums=(0, 1)))
+          for k, f in pools.items()}
+
+
+@pytest.mark.parametrize('shape,window', POOL_CASES)
+def test_bias_relu_max_pool_matches_flax(shape, window):
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+  pools = _bias_relu_pools(window)
+  (value, (x_grad, bias_grad)), (ref_value, (ref_x_grad, ref_bias_grad)) = (
+      pools['fast'](x, bias), pools['flax'](x, bias))
+  chex.assert_trees_all_close(value, ref_value, rtol=1e-6)
+  chex.assert_trees_all_equal(x_grad, ref_x_grad)  # each element's gradient: the same division
+  chex.assert_trees_all_close(bias_grad, ref_bias_grad, rtol=1e-5, atol=1e-5)  # summed apart
+  hlo = jax.jit(jax.value_and_grad(lambda x, b: jnp.sum(ops.bias_relu_max_pool(x, b, window)),
+                                   argnums=(0, 1))).lower(x, bias).compile().as_text()
+  assert 'jaxmodel_pool_forward' in hlo and 'jaxmodel_pool_backward' in hlo
+  assert 'select-and-scatter' not in hlo and 'reduce-window' not in hlo
+
+
+def test_bias_relu_max_pool_shares_tied_gradients_and_keeps_nans():
+  # Ties: ReLU's zeros, and equal values in a window, share its gradient as JAX's max does.
+  x = jnp.asarray(np.random.default_rng(0).integers(-2, 3, size=(3, 6, 6, 4)), jnp.float32)
+  bias = jnp.asarray([0.0, 1.0, -1.0, 0.5])
+  loss = lambda pool: jax.jit(jax.grad(lambda x, b: jnp.sum(jnp.sin(pool(x, b))), argnums=(0, 1)))
+  plain = lambda x, b: nn.relu(x + b).reshape(3, 3, 2, 3, 2, 4).max(axis=(2, 4))  # JAX's own
+  fast = lambda x, b: ops.bias_relu_max_pool(x, b, (2, 2))
+  (x_grad, bias_grad), (ref_x_grad, ref_bias_grad) = loss(fast)(x, bias), loss(plain)(x, bias)
+  chex.assert_trees_all_equal(x_grad, ref_x_grad)
+  chex.assert_trees_all_close(bias_grad, ref_bias_grad, rtol=1e-6)
+  nan = x.at[1, 2, 3, 0].set(jnp.nan)  # a NaN is its window's maximum, as in lax.max
+  chex.assert_trees_all_equal(jax.jit(fast)(nan, bias),
+                              nn.max_pool(nn.relu(nan + bias), (2, 2), (2, 2)))
+  assert jnp.isnan(jax.jit(fast)(nan, bias)[1, 1, 1, 0])
+
+
+def test_bias_relu_max_pool_vmaps():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 2, 8, 8, 4)), jnp.float32)
+  bias = jnp.arange(4.0) / 4
+  per_example = jax.vmap(lambda x: ops.bias_relu_max_pool(x, bias, (2, 2)))(x)
+  chex.assert_trees_all_equal(per_example, nn.max_pool(nn.relu(x + bias).reshape(6, 8, 8, 4),
+                                                       (2, 2), (2, 2)).reshape(3, 2, 4, 4, 4))
+
+
 @pytest.mark.parametrize('name,kwargs', [('resnet', {'stage_sizes': (1, 1), 'width': 4}),
                                          ('airbench', {'widths': (8, 8, 16), 'whiten_stride': 2}),
                                          ('seed_cnn', {})])
@@ -304,4 +365,5 @@ def test_ab_step_builds_each_variant_under_its_own_environment(monkeypatch):
   assert 'JAXMODEL_ONEDNN' not in os.environ
   with_onednn, *_ = ab_step.build(spec, 4, {})
   assert not _custom_calls(without.as_text())
-  assert _custom_calls(with_onednn.as_text()) == ['forward', 'input_grad', 'kernel_grad']
+  assert _custom_calls(with_onednn.as_text()) == [
+      'conv_forward', 'conv_input_grad', 'conv_kernel_grad', 'pool_forward', 'pool_backward']
