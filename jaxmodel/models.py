@@ -38,6 +38,7 @@ class ConvReluPool(nn.Module):
     kernel = self.param('kernel', linear.default_kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)  # as nn.Conv does
     y = ops.conv_general_dilated(x, kernel, (1, 1), 'VALID',
                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return ops.bias_relu_max_pool(y, bias, self.window)

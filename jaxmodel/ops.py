@@ -266,7 +266,8 @@ def max_pool(x, window_shape, strides=None, padding='VALID'):
 
 
 def _cpu_bias_relu_max_pool(x, bias, window):
-  if x.dtype == bias.dtype == jnp.float32 and _native_kernels():
+  if (x.dtype == bias.dtype == jnp.float32 and _native_kernels()
+      and all(isinstance(n, int) for n in x.shape)):  # not a symbolic batch
     return _native_bias_relu_max_pool(x, bias, window)
   return _reshape_max_pool(nn.relu(x + bias), window)
 

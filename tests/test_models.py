@@ -49,9 +49,10 @@ def test_the_seed_cnns_conv_relu_pool_is_flaxs_conv_relu_and_pool():
   variables = fused.init(jax.random.PRNGKey(0), x)
   chex.assert_trees_all_equal(variables, conv.init(jax.random.PRNGKey(0), x))
   variables = jax.tree.map(lambda p: p + 0.1, variables)  # a bias that is not 0
-  chex.assert_trees_all_close(jax.jit(fused.apply)(variables, x),
-                              nn.max_pool(nn.relu(conv.apply(variables, x)), (2, 2), (2, 2)),
-                              rtol=1e-5, atol=1e-6)
+  for images in x, x.astype(jnp.bfloat16):  # promoted with the parameters, as nn.Conv does
+    chex.assert_trees_all_close(
+        jax.jit(fused.apply)(variables, images),
+        nn.max_pool(nn.relu(conv.apply(variables, images)), (2, 2), (2, 2)), rtol=1e-5, atol=1e-6)
 
 
 def test_resnet18_stages_and_batchnorm_state():

@@ -147,14 +147,17 @@ def test_large_narrow_inputs_take_the_gather():
 
 @pytest.mark.parametrize('k_shape', [(5, 5, 3, 6), (3, 3, 3, 6)])
 def test_a_symbolic_batch_exports(k_shape):
-  # jax.export with a symbolic batch: size rules cannot compare it, so they take the plain path.
+  # jax.export with a symbolic batch: size rules cannot compare it, so the convolution and the
+  # pooling take the plain paths.
   kernel = jnp.asarray(np.random.default_rng(0).normal(size=k_shape), jnp.float32)
-  conv = jax.jit(lambda x: _fast(x, kernel, (1, 1), 'SAME'))
+  bias = jnp.linspace(-1, 1, 6)
+  stage = lambda conv, x: nn.max_pool(nn.relu(conv(x, kernel, (1, 1), 'SAME') + bias), (2, 2),
+                                      (2, 2))
+  fast = jax.jit(lambda x: ops.bias_relu_max_pool(_fast(x, kernel, (1, 1), 'SAME'), bias, (2, 2)))
   batch, = jax.export.symbolic_shape('b')
-  exported = jax.export.export(conv)(jax.ShapeDtypeStruct((batch, 8, 8, 3), jnp.float32))
+  exported = jax.export.export(fast)(jax.ShapeDtypeStruct((batch, 8, 8, 3), jnp.float32))
   x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 8, 8, 3)), jnp.float32)
-  chex.assert_trees_all_close(exported.call(x), _xla(x, kernel, (1, 1), 'SAME'), rtol=1e-5,
-                              atol=1e-5)
+  chex.assert_trees_all_close(exported.call(x), stage(_xla, x), rtol=1e-5, atol=1e-5)
 
 
 def _custom_calls(hlo):
