@@ -106,6 +106,9 @@ from jaxmodel import onednn, ops
 x_shape, k_shape = (131, 16, 16, 4), (3, 3, 4, 8)
 assert onednn.available()
 assert onednn._threads(np.zeros(x_shape), np.zeros(k_shape)) == 0  # split, not on one thread
+pool_hlo = jax.jit(lambda y, b: ops.bias_relu_max_pool(y, b, (2, 2))).lower(
+    jnp.zeros((131, 16, 16, 8)), jnp.zeros(8)).as_text()
+assert 'jaxmodel_pool_forward' in pool_hlo and 'threads = 0 : i64' in pool_hlo  # split too
 rng = np.random.default_rng(0)
 x, kernel = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (x_shape, k_shape))
 pads = ((1, 1), (1, 1))
