@@ -130,8 +130,9 @@ print(same, error)
 
 def test_a_convolution_split_over_four_threads_matches_xla():
   # PJRT_NPROC=4: XLA's pool has 4 threads whatever this machine's cores, so the batch of 131
-  # goes out in 4 shares, claimed by whichever thread is free; the kernel gradient sums them in
-  # share order, so two runs agree to the bit.
+  # goes out in 4 shares, claimed by whichever thread is free, in the convolution and in the
+  # pooling after it; the kernel's and the bias's gradients sum them in share order, so two runs
+  # agree to the bit.
   env = {**os.environ, 'PJRT_NPROC': '4', 'JAX_PLATFORMS': 'cpu'}
   result = subprocess.run([sys.executable, '-c', _SPLIT_RUN], env=env, capture_output=True,
                           text=True, timeout=300)
