@@ -116,7 +116,7 @@ void RowMaxima(const Geometry& g, const Tables& t, const float* image, int64_t r
 
 // Compiled for AVX2 too, and picked at load time where the CPU has it: with 8-float vectors the
 // tutorial CNN's two poolings ran 1.1x and 1.8x faster, their gradients 1.4x and 2.0x. `flatten`
-// compiles the helpers into each version (left as calls, they ran 3x slower). No multiply is
+// compiles the helpers into each version (left as calls, they ran 2-3x slower). No multiply is
 // fused, so both versions give the same bits.
 #define JAXMODEL_VECTORIZED __attribute__((target_clones("avx2", "default"), flatten))
 
